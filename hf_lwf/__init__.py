@@ -1,0 +1,11 @@
+"""hf_lwf: Learning With Forgetting ("Graceful Forgetting in Generative Language Models") for the HF Trainer."""
+
+from .callback import LWFCallback
+from .config import LWFConfig, LWFTrainingArguments
+from .state import LWFState
+from .trainer import LWFTrainer
+
+
+__version__ = "0.1.0"
+
+__all__ = ["LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainingArguments", "__version__"]

@@ -1,0 +1,377 @@
+"""``LWFCallback``: Learning With Forgetting on any ``transformers.Trainer``.
+
+The callback only wires Trainer events to the modules that do the work: D_self is generated when training
+starts (:mod:`.selfgen`), the Fisher is accumulated at every optimizer step (:mod:`.fisher`), and every
+``lwf_unlearn_every`` steps the samples are scored (:mod:`.confidence`), D_U is selected and unlearned
+(:mod:`.unlearn`). All state lives in one :class:`~hf_lwf.state.LWFState`, saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import datasets
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from . import fisher as fisher_lib
+from .config import GENERATION_FIELDS, LWFConfig, config_from_args
+from .confidence import score_self_data
+from .data import load_forget_prompts
+from .modelcard import install_card_section, lwf_card_section
+from .selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
+from .state import SELF_DATA_DIR, STATE_JSON, LWFState, write_config
+from .unlearn import ForgetSampler, ascent_step, select_forget_set
+
+
+logger = logging.get_logger(__name__)
+
+MODEL_TAGS = ["lwf", "hf-lwf"]
+
+
+class LWFCallback(TrainerCallback):
+    """Adds Learning With Forgetting to a Trainer.
+
+    Args:
+        config: the LWF settings. Leave it out when the Trainer's ``args`` is an
+            :class:`~hf_lwf.LWFTrainingArguments`: the ``lwf_*`` fields are read from there.
+        **kwargs: ``lwf_*`` fields, as a shortcut for ``LWFCallback(LWFConfig(**kwargs))``.
+    """
+
+    def __init__(self, config: LWFConfig | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise ValueError("Pass either an LWFConfig or lwf_* keyword arguments to LWFCallback, not both.")
+        if kwargs:
+            config = LWFConfig(**kwargs)
+        if config is not None and not isinstance(config, LWFConfig):
+            raise TypeError(f"`config` must be an LWFConfig, got {type(config).__name__}.")
+        self.config = config_from_args(config) if config is not None else None
+        self.prompts = self._load_prompts() if self.config is not None else None
+        self.lwf_state = LWFState()
+        self.self_data: Dataset | None = None
+        self.resume_dir: str | None = None
+        self.card_via_trainer = False
+        self._metrics: dict[str, float] = {}
+        self._sampler: ForgetSampler | None = None
+        self._sgd: torch.optim.Optimizer | None = None
+        self._pad_id: int | None = None
+        self._checked = False
+        self._saved_step: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _load_prompts(self) -> dict[str, list[str]]:
+        return load_forget_prompts(self.config.lwf_forget_prompts, self.config.lwf_forget_prompt_column)
+
+    def _check(self, args, model, tokenizer) -> None:
+        """Construction-time checks: config, prompts, model, tokenizer, distributed engine."""
+        if self.config is None:
+            if not isinstance(args, LWFConfig):
+                raise ValueError(
+                    "LWFCallback() without a config needs `LWFTrainingArguments` as the Trainer's args; "
+                    "otherwise pass LWFCallback(LWFConfig(lwf_forget_prompts=...))."
+                )
+            self.config = config_from_args(args)
+            self.prompts = self._load_prompts()
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+            raise ValueError(
+                "hf_lwf does not support DeepSpeed yet: DeepSpeed steps the optimizer inside backward, before "
+                "any callback sees the gradients. Use DDP (torchrun) or a single process."
+            )
+        if model is None:
+            return
+        check_can_generate(model, tokenizer)
+        encode_prompts(tokenizer, self.prompts, context_length(model), self.config.lwf_max_new_tokens)
+        self._pad_id = tokenizer.pad_token_id
+        if args.max_steps > 0 and self.config.lwf_schedule == "periodic" and args.max_steps < self.config.lwf_unlearn_every:
+            logger.warning(
+                f"max_steps={args.max_steps} < lwf_unlearn_every={self.config.lwf_unlearn_every}: no unlearning "
+                "point will be reached."
+            )
+        self._checked = True
+
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._check(args, model, processing_class)
+
+    # -------------------------------------------------------------------------------------- train begin
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None,
+                       train_dataloader=None, **kwargs):
+        if not self._checked:
+            self._check(args, model, processing_class)
+        config = self.config
+        current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
+                           generation_hash=config.lwf_hash(GENERATION_FIELDS))
+        resumed = self._restore(args, state, current)
+        if not resumed:
+            self.lwf_state = current
+        if self.self_data is None:
+            self._build_self_data(args, model, processing_class)
+        if not self.lwf_state.reference:
+            self.lwf_state.reference = fisher_lib.snapshot(model)
+        if self.lwf_state.forget_indices and self._sampler is None:
+            self._sampler = ForgetSampler(**self.lwf_state.sampler)
+        if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
+            self._early_unlearning(args, state, model, optimizer, train_dataloader)
+
+    def _restore(self, args, state, current: LWFState) -> bool:
+        """Load the LWF state of the checkpoint being resumed; ``False`` when this is a fresh start."""
+        if state.global_step == 0:
+            return False
+        directory = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isfile(os.path.join(directory, STATE_JSON)):
+            logger.warning(f"Resuming from {directory}, which has no LWF state: LWF starts afresh at this step.")
+            return False
+        saved = LWFState.load(directory)
+        if saved.config_hash != current.config_hash:
+            changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
+            logger.warning(
+                f"The LWF config changed since {directory} was saved ({', '.join(changed)}); resuming with the "
+                "new values. D_self is regenerated only if a generation setting changed."
+            )
+            saved.config, saved.config_hash = current.config, current.config_hash
+        self.lwf_state = saved
+        if saved.generation_hash == current.generation_hash and saved.self_data_path:
+            path = os.path.join(args.output_dir, saved.self_data_path)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(
+                    f"The checkpoint refers to D_self at {path}, which is missing; restore that folder to resume."
+                )
+            self.self_data = Dataset.load_from_disk(path)
+        else:
+            logger.warning("Generation settings changed: D_self is regenerated from the current model.")
+            saved.generation_hash = current.generation_hash
+            saved.scores, saved.forget_indices, saved.sampler = [], [], {}
+        self._sampler = ForgetSampler(**saved.sampler) if saved.sampler else None
+        return True
+
+    def _build_self_data(self, args, model, tokenizer) -> None:
+        config = self.config
+        start = time.perf_counter()
+        self.self_data = generate_self_data(
+            model,
+            tokenizer,
+            self.prompts,
+            samples_per_prompt=config.lwf_samples_per_prompt,
+            max_new_tokens=config.lwf_max_new_tokens,
+            temperature=config.lwf_temperature,
+            top_p=config.lwf_top_p,
+            batch_size=config.lwf_generation_batch_size,
+            seed=config.lwf_seed,
+            show_progress=_show_progress(args),
+        )
+        self._metrics["lwf/generate_seconds"] = time.perf_counter() - start
+        tasks = self.self_data["task"]
+        self.lwf_state.self_data_sizes = {task: tasks.count(task) for task in self.prompts}
+        self.lwf_state.self_data_path = SELF_DATA_DIR
+        if args.should_save:
+            with _quiet_datasets():
+                self.self_data.save_to_disk(os.path.join(args.output_dir, SELF_DATA_DIR))
+        logger.info(f"LWF: generated D_self with {len(self.self_data)} samples {self.lwf_state.self_data_sizes}.")
+
+    # ----------------------------------------------------------------------------------- learning steps
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online":
+            return
+        if getattr(optimizer, "step_was_skipped", False):
+            return
+        grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
+        if not grads or not all(torch.isfinite(g).all() for g in grads.values()):
+            return
+        fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay)
+        self.lwf_state.fisher_updates += 1
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                    train_dataloader=None, **kwargs):
+        every = self.config.lwf_unlearn_every
+        if self.config.lwf_schedule != "periodic" or state.global_step == 0 or state.global_step % every:
+            return
+        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        self._unlearning_point(args, state, model, optimizer, train_dataloader, lr)
+        control.should_log = True
+
+    # ------------------------------------------------------------------------------- unlearning points
+    def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float) -> None:
+        config, lwf = self.config, self.lwf_state
+        point = lwf.unlearn_points + 1
+        rescore = config.lwf_rescore_every > 0 and (point - 1) % config.lwf_rescore_every == 0
+        if point == 1 or rescore or not lwf.scores:
+            if config.lwf_fisher == "online":
+                curvature = fisher_lib.bias_corrected(lwf.fisher, lwf.fisher_updates, config.lwf_fisher_decay)
+            else:
+                examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
+                curvature, _ = fisher_lib.empirical_fisher(model, examples)
+            delta = fisher_lib.intended_update(fisher_lib.snapshot(model), lwf.reference)
+            self._score_and_select(args, model, curvature, delta, lr, seed=config.lwf_seed + point)
+        self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
+        lwf.unlearn_points = point
+        lwf.reference = fisher_lib.snapshot(model)
+        self._finish_point(state.global_step)
+
+    def _early_unlearning(self, args, state, model, optimizer, train_dataloader) -> None:
+        """The ``early`` ablation: all ascent steps before fine-tuning, scored with the empirical Fisher."""
+        config = self.config
+        examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed)
+        curvature, mean_grad = fisher_lib.empirical_fisher(model, examples)
+        delta = {n: -args.learning_rate * g for n, g in mean_grad.items()}
+        self._score_and_select(args, model, curvature, delta, args.learning_rate, seed=config.lwf_seed)
+        periods = max(1, state.max_steps // config.lwf_unlearn_every) if state.max_steps > 0 else 1
+        self._unlearn(args, model, optimizer, config.lwf_unlearn_steps * periods)
+        self.lwf_state.unlearn_points = 1
+        self.lwf_state.reference = fisher_lib.snapshot(model)
+        self._finish_point(state.global_step)
+
+    def _score_and_select(self, args, model, fisher, delta, lr: float, seed: int) -> None:
+        config, lwf = self.config, self.lwf_state
+        start = time.perf_counter()
+        mask = fisher_lib.update_mask(fisher, delta, config.lwf_mask_ratio)
+        direction = fisher_lib.weighted_direction(fisher, delta, mask)
+        curvature = fisher_lib.masked_fisher(fisher, mask)
+        scores = score_self_data(
+            model, self.self_data, self._pad_id, direction, curvature, lr,
+            mode=config.lwf_confidence, batch_size=config.lwf_score_batch_size, show_progress=_show_progress(args),
+        )
+        if not torch.isfinite(scores).all():
+            logger.warning(f"LWF: {int((~torch.isfinite(scores)).sum())} samples got a non-finite confidence; they are never selected.")
+            scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e30))
+        tasks = self.self_data["task"]
+        lwf.scores = scores.tolist()
+        lwf.forget_indices = select_forget_set(
+            scores, tasks, config.forget_amount, threshold=config.lwf_confidence_threshold,
+            selection=config.lwf_selection, per_task=config.lwf_per_task_selection, seed=seed,
+        )
+        lwf.forget_sizes = {task: 0 for task in lwf.self_data_sizes}
+        for index in lwf.forget_indices:
+            lwf.forget_sizes[tasks[index]] = lwf.forget_sizes.get(tasks[index], 0) + 1
+        self._sampler = ForgetSampler(len(lwf.forget_indices), seed=seed)
+        lwf.sampler = self._sampler.state_dict()
+        self._metrics.update({
+            "lwf/num_selected": float(len(lwf.forget_indices)),
+            "lwf/confidence_mean": float(scores.mean()),
+            "lwf/confidence_max": float(scores.max()),
+            "lwf/confidence_min": float(scores.min()),
+            "lwf/score_seconds": time.perf_counter() - start,
+        })
+
+    def _unlearn(self, args, model, optimizer, steps: int) -> None:
+        lwf = self.lwf_state
+        start = time.perf_counter()
+        if not lwf.forget_indices:
+            lwf.empty_selections += 1
+            logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
+            self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
+            return
+        step_optimizer = self._unlearning_optimizer(args, model, optimizer)
+        device = next(model.parameters()).device
+        losses, dropped = [], 0
+        for _ in range(steps):
+            positions = self._sampler.next_batch(self.config.lwf_unlearn_batch_size)
+            rows = [self.self_data[lwf.forget_indices[p]] for p in positions]
+            batch = {k: v.to(device) for k, v in collate_self_data(rows, self._pad_id).items()}
+            result = ascent_step(
+                model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
+                loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm,
+            )
+            losses.append(result["forget_loss"])
+            dropped += len(rows) - result["kept"]
+            lwf.skipped_steps += result["skipped"]
+            lwf.unlearn_steps += 1 - result["skipped"]
+        lwf.sampler = self._sampler.state_dict()
+        finite = [x for x in losses if math.isfinite(x)]
+        self._metrics.update({
+            "lwf/forget_loss": sum(finite) / len(finite) if finite else float("nan"),
+            "lwf/capped_samples": float(dropped),
+            "lwf/unlearn_seconds": time.perf_counter() - start,
+        })
+
+    def _unlearning_optimizer(self, args, model, optimizer) -> torch.optim.Optimizer:
+        if self.config.lwf_unlearn_optimizer == "sgd":
+            if self._sgd is None:
+                params = list(fisher_lib.trainable_parameters(model).values())
+                self._sgd = torch.optim.SGD(params, lr=self.config.lwf_unlearn_lr or args.learning_rate)
+            return self._sgd
+        # The raw torch optimizer: accelerate's wrapper would unscale our (unscaled) gradients under fp16.
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def _learning_examples(self, train_dataloader, model, seed: int) -> list[dict[str, torch.Tensor]]:
+        """``lwf_fisher_samples`` single-example batches of the learning data, drawn without touching its sampler."""
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                "`lwf_fisher='empirical'` and `lwf_schedule='early'` need a map-style train dataset to draw "
+                "learning examples from."
+            )
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(dataset), generator=generator)[: self.config.lwf_fisher_samples].tolist()
+        device = next(model.parameters()).device
+        examples = []
+        for i in indices:
+            batch = train_dataloader.collate_fn([dataset[i]])
+            if "labels" not in batch:
+                raise ValueError("The empirical Fisher needs `labels` in the learning batches (use a LM collator).")
+            examples.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        return examples
+
+    def _finish_point(self, step: int) -> None:
+        lwf = self.lwf_state
+        self._metrics["lwf/skipped_steps"] = float(lwf.skipped_steps)
+        record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in self._metrics.items()}}
+        lwf.history.append(record)
+        logger.info(
+            f"LWF unlearning point {lwf.unlearn_points} at step {step}: |D_U|={len(lwf.forget_indices)} "
+            f"forget_loss={self._metrics.get('lwf/forget_loss', float('nan')):.4f} "
+            f"skipped={lwf.skipped_steps}"
+        )
+
+    # ------------------------------------------------------------------------------ logging and saving
+    def pop_metrics(self) -> dict[str, float]:
+        """The ``lwf/*`` scalars gathered since the last log (``LWFTrainer.log`` merges them)."""
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = self.pop_metrics()
+        if metrics and logs is not None:
+            logs.update(metrics)
+            if state.log_history:
+                state.log_history[-1].update(metrics)
+
+    def save_state(self, args, directory: str, step: int) -> None:
+        """Write the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only)."""
+        if not args.should_save or self._saved_step == step or not os.path.isdir(directory):
+            return
+        self.lwf_state.save(directory)
+        write_config(directory, self.config.lwf_dict())
+        self._saved_step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save_state(args, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.save_state(args, checkpoint, state.global_step)
+        if model is not None and hasattr(model, "add_model_tags"):
+            model.add_model_tags(MODEL_TAGS)
+        if args.should_save:
+            write_config(args.output_dir, self.config.lwf_dict())
+        if not self.card_via_trainer:
+            install_card_section(lwf_card_section(self))
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _show_progress(args) -> bool:
+    return not args.disable_tqdm and args.process_index == 0

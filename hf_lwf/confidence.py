@@ -1,0 +1,137 @@
+"""Step 3: forgetting confidence of each self-generated sample.
+
+Learning a sample x with step size eta moves theta by u_x = -eta * g_x. In the quadratic model of the learning
+task around its target theta + D with curvature F (masked), the learning loss then changes by
+
+    c(x) = eta * g_x . w  +  eta**2 / 2 * sum_i M_i F_i g_{x,i}**2  =  eta * a(x) + eta**2 / 2 * n(x),
+
+with w = M * F * D. ``a(x)`` is a directional derivative of the sample loss, so a whole batch needs one
+forward-mode pass (:func:`alignment_scores`); ``n(x)`` needs per-sample gradients (:func:`fisher_norms`).
+:func:`reference_confidence` computes both from plain per-sample backward passes; tests compare against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+from tqdm.auto import tqdm
+
+from .distributed import all_reduce_sum_, shard_indices
+from .fisher import TensorDict, per_sample_gradients, trainable_parameters
+from .selfgen import collate_self_data
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens of each sequence: shape ``[batch]``."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    token_losses = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shifted_labels.shape)
+    counts = (shifted_labels != -100).sum(dim=1)
+    return token_losses.sum(dim=1) / counts.clamp(min=1)
+
+
+def batch_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample response losses of a collated D_self batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_losses(logits, batch["labels"])
+
+
+def combine(alignment: torch.Tensor, norms: torch.Tensor | None, lr: float, mode: str) -> torch.Tensor:
+    """``c = eta * a`` (alignment) or ``c = eta * a + eta**2 / 2 * n`` (deviation)."""
+    if mode == "alignment":
+        return lr * alignment
+    if norms is None:
+        raise ValueError("The 'deviation' confidence needs the Fisher-weighted gradient norms n(x).")
+    return lr * alignment + 0.5 * lr**2 * norms
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Run with the ``eager`` attention implementation: fused SDPA kernels have no forward-mode AD rule on CPU."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = current not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(current)
+
+
+def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict) -> torch.Tensor:
+    """``a(x) = g_x . w`` for every sample of ``batch`` with one forward-mode (JVP) pass."""
+    params = trainable_parameters(model)
+    primals = {n: params[n].detach() for n in direction}
+    tangents = {n: direction[n].to(device=params[n].device, dtype=params[n].dtype) for n in direction}
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+    def losses(p: TensorDict) -> torch.Tensor:
+        return sequence_losses(functional_call(model, p, args=(), kwargs=kwargs).logits, batch["labels"])
+
+    with eager_attention(model):
+        _, derivative = jvp(losses, (primals,), (tangents,))
+    return derivative.detach().float()
+
+
+def fisher_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor], curvature: TensorDict) -> torch.Tensor:
+    """``n(x) = sum_i M_i F_i g_{x,i}**2`` for every sample of ``batch`` (one backward per sample)."""
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    norms = []
+    for grads in per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0]):
+        norms.append(sum((curvature[n] * grads[n].pow(2)).sum() for n in curvature))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(norms).float()
+
+
+def reference_confidence(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict, curvature: TensorDict, lr: float, mode: str
+) -> torch.Tensor:
+    """The slow, obvious c(x): full per-sample gradients, then the formula term by term."""
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    a, n = [], []
+    for grads in per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0]):
+        a.append(sum((grads[k] * direction[k]).sum() for k in direction))
+        n.append(sum((curvature[k] * grads[k].pow(2)).sum() for k in curvature))
+    model.zero_grad(set_to_none=True)
+    return combine(torch.stack(a), torch.stack(n), lr, mode)
+
+
+def score_self_data(
+    model: torch.nn.Module,
+    rows,
+    pad_id: int,
+    direction: TensorDict,
+    curvature: TensorDict,
+    lr: float,
+    mode: str = "deviation",
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Confidence c(x) of every row of D_self; the rows are split across ranks and the scores summed back."""
+    device = next(model.parameters()).device
+    scores = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    mine = shard_indices(len(rows))
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(mine), desc="LWF confidence scoring", disable=not show_progress, leave=False)
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_self_data([rows[i] for i in indices], pad_id).items()}
+            a = alignment_scores(model, batch, direction)
+            n = fisher_norms(model, batch, curvature) if mode == "deviation" else None
+            scores[indices] = combine(a, n, lr, mode).to(scores.device)
+            bar.update(len(indices))
+        bar.close()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    all_reduce_sum_([scores])
+    return scores.cpu()

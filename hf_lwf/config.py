@@ -1,0 +1,275 @@
+"""Configuration of Learning With Forgetting: one set of ``lwf_*`` fields.
+
+The fields are declared once, on :class:`LWFConfig`. :class:`LWFTrainingArguments` inherits them next to
+every :class:`~transformers.TrainingArguments` field, so ``HfArgumentParser``, ``to_dict()``, the saved
+training arguments, the command line and the README table all read the same definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from transformers import TrainingArguments
+
+
+# Fields that change what the self-generated data D_self contains; a change forces regeneration on resume.
+GENERATION_FIELDS = (
+    "lwf_forget_prompts",
+    "lwf_forget_prompt_column",
+    "lwf_samples_per_prompt",
+    "lwf_max_new_tokens",
+    "lwf_temperature",
+    "lwf_top_p",
+    "lwf_seed",
+)
+
+
+@dataclass
+class LWFConfig:
+    """Settings of Learning With Forgetting (LWF).
+
+    Step numbers refer to ``docs/method.md``: self-generation (1), Fisher and intended update (2), forgetting
+    confidence (3), selection of the forget set D_U (4), periodic bounded gradient ascent (5).
+    """
+
+    lwf_forget_prompts: Union[list[str], str, dict, None] = field(
+        default=None,
+        metadata={
+            "help": "Prompts of the forgetting task(s): a list of prompt strings, a .txt/.json/.jsonl/.csv/.parquet "
+            "file, a datasets.Dataset, or a Hub dataset id. Several files or a dict {task name: source} (JSON on "
+            "the command line) give the mixed setting, one task each."
+        },
+    )
+    lwf_forget_prompt_column: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Column holding the prompt in tabular sources. Default: the first of prompt, question, "
+            "instruction, text that exists."
+        },
+    )
+    lwf_samples_per_prompt: int = field(
+        default=2, metadata={"help": "Step 1: responses K sampled from the model for every forgetting prompt."}
+    )
+    lwf_max_new_tokens: int = field(default=64, metadata={"help": "Step 1: maximum length of each response."})
+    lwf_temperature: float = field(
+        default=1.0, metadata={"help": "Step 1: sampling temperature; 0 means greedy decoding."}
+    )
+    lwf_top_p: float = field(default=0.95, metadata={"help": "Step 1: nucleus sampling probability mass."})
+    lwf_generation_batch_size: int = field(
+        default=8, metadata={"help": "Step 1: prompts per generate() call (left padded)."}
+    )
+    lwf_fisher: Literal["online", "empirical"] = field(
+        default="online",
+        metadata={
+            "help": "Step 2: 'online' = running mean of squared learning gradients at every optimizer step (free); "
+            "'empirical' = mean of squared per-sample gradients of lwf_fisher_samples learning examples."
+        },
+    )
+    lwf_fisher_decay: float = field(
+        default=0.95, metadata={"help": "Step 2: decay beta of the online Fisher (bias corrected)."}
+    )
+    lwf_fisher_samples: int = field(
+        default=32, metadata={"help": "Step 2: learning examples for the empirical Fisher (and the early schedule)."}
+    )
+    lwf_mask_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Step 2: fraction rho of trainable entries kept by the update mask (top |F*D|); 1 disables it."
+        },
+    )
+    lwf_confidence: Literal["deviation", "alignment"] = field(
+        default="deviation",
+        metadata={
+            "help": "Step 3: 'deviation' = full quadratic c(x) = eta*a(x) + eta^2/2*n(x); 'alignment' = eta*a(x) "
+            "only (one forward-mode pass per batch)."
+        },
+    )
+    lwf_confidence_threshold: float = field(
+        default=0.0, metadata={"help": "Step 4: only samples with confidence above this value can be forgotten."}
+    )
+    lwf_forget_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Step 4: fraction r of D_self forgotten (ceil(r*|D_self|)). Default 0.25 when lwf_forget_top_k "
+            "is not set; set only one of the two."
+        },
+    )
+    lwf_forget_top_k: Optional[int] = field(
+        default=None, metadata={"help": "Step 4: forget a fixed number of samples instead of a ratio."}
+    )
+    lwf_selection: Literal["top", "bottom", "random", "all"] = field(
+        default="top",
+        metadata={
+            "help": "Step 4: 'top' (highest confidence, the method); ablations 'bottom', 'random' (same size) and "
+            "'all'."
+        },
+    )
+    lwf_per_task_selection: bool = field(
+        default=False,
+        metadata={"help": "Step 4: in the mixed setting, apply ratio/top-k within each forgetting task."},
+    )
+    lwf_unlearn_every: int = field(
+        default=50, metadata={"help": "Step 5: unlearn every N learning optimizer steps, starting at step N."}
+    )
+    lwf_unlearn_steps: int = field(default=1, metadata={"help": "Step 5: gradient-ascent steps per unlearning point."})
+    lwf_unlearn_batch_size: int = field(default=4, metadata={"help": "Step 5: D_U samples per ascent step."})
+    lwf_unlearn_coef: float = field(default=1.0, metadata={"help": "Step 5: weight lambda of the ascent loss."})
+    lwf_forget_loss_cap: float = field(
+        default=5.0,
+        metadata={
+            "help": "Step 5: bounded ascent; samples whose loss already exceeds this cap are dropped from the batch."
+        },
+    )
+    lwf_unlearn_optimizer: Literal["shared", "sgd"] = field(
+        default="shared",
+        metadata={
+            "help": "Step 5: 'shared' = the Trainer's optimizer (scheduler and global_step untouched); 'sgd' = a "
+            "separate plain SGD with lwf_unlearn_lr."
+        },
+    )
+    lwf_unlearn_lr: Optional[float] = field(
+        default=None, metadata={"help": "Step 5: learning rate of the 'sgd' unlearning optimizer (default: learning_rate)."}
+    )
+    lwf_rescore_every: int = field(
+        default=0,
+        metadata={"help": "Steps 2-4: score and select D_U again every k unlearning points; 0 scores only once."},
+    )
+    lwf_schedule: Literal["periodic", "early"] = field(
+        default="periodic",
+        metadata={
+            "help": "'periodic' (the method) or 'early' (ablation: the same number of ascent steps, all before "
+            "fine-tuning, with the empirical Fisher)."
+        },
+    )
+    lwf_score_batch_size: int = field(default=8, metadata={"help": "Step 3: self-generated samples per scoring batch."})
+    lwf_seed: int = field(default=42, metadata={"help": "Seed of generation, selection and the D_U sampler."})
+
+    def __post_init__(self):
+        self._validate_lwf()
+        parent = super()
+        if hasattr(parent, "__post_init__"):
+            parent.__post_init__()
+
+    def _validate_lwf(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"`{name}` {message} (got {getattr(self, name)!r}).")
+
+        positive_ints = (
+            "lwf_samples_per_prompt",
+            "lwf_max_new_tokens",
+            "lwf_generation_batch_size",
+            "lwf_fisher_samples",
+            "lwf_unlearn_every",
+            "lwf_unlearn_steps",
+            "lwf_unlearn_batch_size",
+            "lwf_score_batch_size",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "must be a positive integer")
+        choices = {
+            "lwf_fisher": ("online", "empirical"),
+            "lwf_confidence": ("deviation", "alignment"),
+            "lwf_selection": ("top", "bottom", "random", "all"),
+            "lwf_unlearn_optimizer": ("shared", "sgd"),
+            "lwf_schedule": ("periodic", "early"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {', '.join(allowed)}")
+        if self.lwf_temperature < 0:
+            fail("lwf_temperature", "must be >= 0 (0 means greedy)")
+        if not 0 < self.lwf_top_p <= 1:
+            fail("lwf_top_p", "must be in (0, 1]")
+        if not 0 <= self.lwf_fisher_decay < 1:
+            fail("lwf_fisher_decay", "must be in [0, 1)")
+        if not 0 < self.lwf_mask_ratio <= 1:
+            fail("lwf_mask_ratio", "must be in (0, 1]; 1 disables the update mask")
+        if self.lwf_forget_ratio is not None and self.lwf_forget_top_k is not None:
+            raise ValueError(
+                "`lwf_forget_ratio` and `lwf_forget_top_k` are contradictory: set only one of them "
+                f"(got {self.lwf_forget_ratio!r} and {self.lwf_forget_top_k!r})."
+            )
+        if self.lwf_forget_ratio is not None and not 0 < self.lwf_forget_ratio <= 1:
+            fail("lwf_forget_ratio", "must be in (0, 1]")
+        if self.lwf_forget_top_k is not None and self.lwf_forget_top_k < 1:
+            fail("lwf_forget_top_k", "must be a positive integer")
+        if self.lwf_unlearn_coef <= 0:
+            fail("lwf_unlearn_coef", "must be > 0")
+        if self.lwf_forget_loss_cap <= 0:
+            fail("lwf_forget_loss_cap", "must be > 0")
+        if self.lwf_unlearn_lr is not None and self.lwf_unlearn_lr <= 0:
+            fail("lwf_unlearn_lr", "must be > 0")
+        if self.lwf_unlearn_lr is not None and self.lwf_unlearn_optimizer != "sgd":
+            raise ValueError(
+                "`lwf_unlearn_lr` only applies to `lwf_unlearn_optimizer='sgd'` "
+                f"(got lwf_unlearn_optimizer={self.lwf_unlearn_optimizer!r})."
+            )
+        if self.lwf_rescore_every < 0:
+            fail("lwf_rescore_every", "must be >= 0")
+        if self.lwf_forget_prompts is not None and not _is_prompt_source(self.lwf_forget_prompts):
+            fail("lwf_forget_prompts", "must be a list of strings, a path, a Hub dataset id, a dict, or a Dataset")
+
+    @property
+    def forget_amount(self) -> tuple[str, float]:
+        """``("top_k", k)`` or ``("ratio", r)`` with the 0.25 default applied."""
+        if self.lwf_forget_top_k is not None:
+            return "top_k", self.lwf_forget_top_k
+        return "ratio", 0.25 if self.lwf_forget_ratio is None else self.lwf_forget_ratio
+
+    def lwf_dict(self) -> dict[str, Any]:
+        """The ``lwf_*`` values as JSON-serialisable data (a Dataset is described, not dumped)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in lwf_fields()}
+
+    def lwf_hash(self, names: tuple[str, ...] | None = None) -> str:
+        """A stable hash of the ``lwf_*`` values (or only ``names``), used to detect a changed config on resume."""
+        values = self.lwf_dict()
+        if names is not None:
+            values = {k: values[k] for k in names}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LWFTrainingArguments(LWFConfig, TrainingArguments):
+    """:class:`~transformers.TrainingArguments` plus every ``lwf_*`` field of :class:`LWFConfig`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(self.lwf_dict())
+        return d
+
+
+def lwf_fields() -> tuple[dataclasses.Field, ...]:
+    """The ``lwf_*`` dataclass fields, in declaration order."""
+    return dataclasses.fields(LWFConfig)
+
+
+def config_from_args(args: Any) -> LWFConfig:
+    """An :class:`LWFConfig` carrying the ``lwf_*`` values of ``args`` (``LWFTrainingArguments`` or ``LWFConfig``)."""
+    return LWFConfig(**{f.name: getattr(args, f.name) for f in lwf_fields()})
+
+
+def _is_prompt_source(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, str) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_prompt_source(v) for k, v in value.items())
+    return type(value).__name__ in ("Dataset", "IterableDataset")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    fingerprint = getattr(value, "_fingerprint", None)
+    return f"<{type(value).__name__} {fingerprint or len(value)}>"

@@ -1,0 +1,163 @@
+"""Step 1: elicit the model's own knowledge of the forgetting task(s) as a dataset D_self."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as a user turn, through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` accepts, if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_can_generate(model, tokenizer) -> None:
+    """Raise a clear error when self-generation cannot work with this model and tokenizer."""
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(getattr(model, "generate", None)) or (callable(can_generate) and not can_generate()):
+        raise ValueError(
+            f"LWF needs a model that can `generate()` (a causal LM); {type(model).__name__} cannot."
+        )
+    if tokenizer is None:
+        raise ValueError("LWF needs the tokenizer: pass `processing_class=tokenizer` to the Trainer.")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer has no pad token, which batched self-generation needs: set "
+            "`tokenizer.pad_token = tokenizer.eos_token` (or add one) before building the Trainer."
+        )
+
+
+def encode_prompts(tokenizer, prompts: dict[str, list[str]], max_length: int | None, max_new_tokens: int) -> dict[str, list[list[int]]]:
+    """Tokenise every prompt; a prompt that leaves no room for ``max_new_tokens`` in the context is an error."""
+    encoded = {}
+    for task, texts in prompts.items():
+        encoded[task] = []
+        for index, text in enumerate(texts):
+            ids = encode_prompt(tokenizer, text)
+            if max_length is not None and len(ids) + max_new_tokens > max_length:
+                raise ValueError(
+                    f"`lwf_forget_prompts`: prompt {index} of task {task!r} has {len(ids)} tokens; with "
+                    f"lwf_max_new_tokens={max_new_tokens} it exceeds the model's context of {max_length} tokens."
+                )
+            encoded[task].append(ids)
+    return encoded
+
+
+@torch.no_grad()
+def generate_self_data(
+    model,
+    tokenizer,
+    prompts: dict[str, list[str]],
+    *,
+    samples_per_prompt: int = 2,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 8,
+    seed: int = 42,
+    show_progress: bool = True,
+) -> Dataset:
+    """Sample ``samples_per_prompt`` responses per prompt from ``model`` as it is now.
+
+    Batched, left-padded ``generate``; empty and duplicate responses are dropped. Each row keeps ``task``,
+    ``prompt``, ``prompt_ids``, ``response_ids`` and the decoded ``text``. Sampling runs in a forked RNG
+    seeded by ``seed``, so the training RNG stream is untouched and every rank gets the same D_self.
+    """
+    encoded = encode_prompts(tokenizer, prompts, context_length(model), max_new_tokens)
+    jobs = [(task, text, ids) for task in prompts for text, ids in zip(prompts[task], encoded[task])]
+    jobs = [job for job in jobs for _ in range(samples_per_prompt)]
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    was_training, padding_side = model.training, tokenizer.padding_side
+    rows, seen = [], set()
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            bar = tqdm(total=len(jobs), desc="LWF self-generation", disable=not show_progress, leave=False)
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start : start + batch_size]
+                padded = tokenizer.pad({"input_ids": [ids for _, _, ids in batch]}, return_tensors="pt")
+                output = model.generate(
+                    input_ids=padded["input_ids"].to(device),
+                    attention_mask=padded["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=top_p if temperature > 0 else None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos_ids,
+                    use_cache=True,
+                )
+                new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
+                for (task, text, prompt_ids), tokens in zip(batch, new_tokens):
+                    response = _cut_at_eos(tokens, eos_ids)
+                    decoded = tokenizer.decode(response, skip_special_tokens=True)
+                    key = (task, text, decoded.strip())
+                    if not decoded.strip() or key in seen:
+                        continue
+                    seen.add(key)
+                    rows.append(
+                        {"task": task, "prompt": text, "prompt_ids": prompt_ids, "response_ids": response, "text": decoded}
+                    )
+                bar.update(len(batch))
+            bar.close()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    if not rows:
+        raise ValueError(
+            "Self-generation produced no non-empty response for `lwf_forget_prompts`; raise `lwf_max_new_tokens` "
+            "or check the prompts and the model."
+        )
+    return Dataset.from_list(rows)
+
+
+def collate_self_data(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask`` and ``labels`` that score the response tokens only."""
+    sequences = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in rows]
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (row, seq) in enumerate(zip(rows, sequences)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        start = len(row["prompt_ids"])
+        labels[i, start : len(seq)] = torch.tensor(seq[start:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: position + 1]
+    return tokens

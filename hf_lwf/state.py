@@ -1,0 +1,141 @@
+"""All LWF state in one object, saved next to every checkpoint: tensors as safetensors, the rest as JSON.
+
+Nothing here uses pickle: a checkpoint from an untrusted source can at worst fail to load with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+STATE_JSON = "lwf_state.json"
+STATE_TENSORS = "lwf_state.safetensors"
+CONFIG_NAME = "lwf_config.json"
+SELF_DATA_DIR = "_lwf_self_data"
+FORMAT_VERSION = 1
+_TENSOR_GROUPS = ("fisher", "reference")
+
+
+@dataclass
+class LWFState:
+    """Counters, tensors and selections that make an LWF run resumable exactly."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+    generation_hash: str = ""
+    self_data_path: str | None = None
+    self_data_sizes: dict[str, int] = field(default_factory=dict)
+    fisher_updates: int = 0
+    unlearn_points: int = 0
+    unlearn_steps: int = 0
+    skipped_steps: int = 0
+    empty_selections: int = 0
+    scores: list[float] = field(default_factory=list)
+    forget_indices: list[int] = field(default_factory=list)
+    forget_sizes: dict[str, int] = field(default_factory=dict)
+    sampler: dict[str, int] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, Any]:
+        """The JSON part of the state."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TENSOR_GROUPS}
+        return {"format_version": FORMAT_VERSION, **data}
+
+    def save(self, directory: str) -> None:
+        """Write ``lwf_state.safetensors`` and ``lwf_state.json`` into ``directory``, each atomically."""
+        os.makedirs(directory, exist_ok=True)
+        tensors = {
+            f"{group}/{name}": tensor.detach().to("cpu").contiguous()
+            for group in _TENSOR_GROUPS
+            for name, tensor in getattr(self, group).items()
+        }
+        _atomic_write(directory, STATE_TENSORS, lambda path: save_file(tensors, path, metadata={"format": "hf_lwf"}))
+        atomic_write_text(directory, STATE_JSON, json.dumps(self.scalars(), indent=2, sort_keys=True, allow_nan=False))
+
+    @classmethod
+    def load(cls, directory: str, device: torch.device | str = "cpu") -> LWFState:
+        """Read the state saved in ``directory``; anything malformed or foreign raises a ``ValueError``."""
+        json_path, tensor_path = os.path.join(directory, STATE_JSON), os.path.join(directory, STATE_TENSORS)
+        for path in (json_path, tensor_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"No LWF state file {path}.")
+        try:
+            with open(json_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{json_path} is not a valid hf_lwf state file: {err}") from None
+        if not isinstance(data, dict) or data.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{json_path} is not an hf_lwf state file of format version {FORMAT_VERSION}.")
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TENSOR_GROUPS}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"{json_path} has unknown fields {sorted(unknown)}: not an hf_lwf state file.")
+        for name, value in data.items():
+            if not _type_matches(value, getattr(cls(), name)):
+                raise ValueError(f"{json_path}: field {name!r} has the wrong type ({type(value).__name__}).")
+        state = cls(**data)
+        try:
+            with safe_open(tensor_path, framework="pt", device=str(device)) as handle:
+                if (handle.metadata() or {}).get("format") != "hf_lwf":
+                    raise ValueError("missing the hf_lwf format marker")
+                for key in handle.keys():
+                    group, _, name = key.partition("/")
+                    if group not in _TENSOR_GROUPS or not name:
+                        raise ValueError(f"unexpected tensor {key!r}")
+                    getattr(state, group)[name] = handle.get_tensor(key)
+        except ValueError as err:
+            raise ValueError(f"{tensor_path} is not a valid hf_lwf state file: {err}") from None
+        except Exception as err:  # safetensors raises its own error types for corrupted headers
+            raise ValueError(f"{tensor_path} is not a valid hf_lwf state file: {err}") from None
+        return state
+
+
+def write_config(directory: str, config: dict[str, Any]) -> str:
+    """Write ``lwf_config.json`` (the ``lwf_*`` values) into ``directory`` atomically; returns its path."""
+    return atomic_write_text(directory, CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+
+
+def atomic_write_text(directory: str, name: str, text: str) -> str:
+    """Write ``text`` to ``directory/name`` so that readers never see half a file."""
+    return _atomic_write(directory, name, lambda path: _write_text(path, text))
+
+
+def _type_matches(value: Any, default: Any) -> bool:
+    if default is None:
+        return value is None or isinstance(value, str)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _atomic_write(directory: str, name: str, write) -> str:
+    """Write through a temporary file in ``directory`` and rename it, so readers never see half a file."""
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    os.close(descriptor)
+    try:
+        write(temporary)
+        target = os.path.join(directory, name)
+        os.replace(temporary, target)
+        return target
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -1,0 +1,139 @@
+"""Steps 4 and 5: choosing the forget set D_U and unlearning it by bounded gradient ascent."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .confidence import batch_losses
+from .distributed import all_reduce_sum_, shard_indices
+from .fisher import trainable_parameters
+
+
+def forget_size(num_items: int, amount: tuple[str, float]) -> int:
+    """``ceil(r * n)`` for ``("ratio", r)``, ``min(k, n)`` for ``("top_k", k)``."""
+    kind, value = amount
+    return min(num_items, math.ceil(value * num_items) if kind == "ratio" else int(value))
+
+
+def select_forget_set(
+    scores: torch.Tensor,
+    tasks: Sequence[str],
+    amount: tuple[str, float],
+    *,
+    threshold: float = 0.0,
+    selection: str = "top",
+    per_task: bool = False,
+    seed: int = 0,
+) -> list[int]:
+    """Indices of D_U within D_self, sorted.
+
+    ``top`` keeps the samples with ``c(x) > threshold`` and of those the highest-scoring ``forget_size``.
+    The ablations take the same number of samples: ``bottom`` the lowest-scoring, ``random`` uniformly
+    (seeded); ``all`` takes every sample. With ``per_task`` the size and the choice apply within each task.
+    """
+    if len(scores) != len(tasks):
+        raise ValueError(f"{len(scores)} scores but {len(tasks)} task names.")
+    groups = {}
+    for index, task in enumerate(tasks):
+        groups.setdefault(task if per_task else "", []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for members in groups.values():
+        member_scores = scores[members].double()
+        if selection == "all":
+            chosen.extend(members)
+            continue
+        size = min(forget_size(len(members), amount), int((member_scores > threshold).sum()))
+        if size == 0:
+            continue
+        if selection == "top":
+            order = torch.argsort(member_scores, descending=True, stable=True)
+        elif selection == "bottom":
+            order = torch.argsort(member_scores, stable=True)
+        elif selection == "random":
+            order = torch.randperm(len(members), generator=generator)
+        else:
+            raise ValueError(f"`lwf_selection` must be top, bottom, random or all (got {selection!r}).")
+        chosen.extend(members[i] for i in order[:size].tolist())
+    return sorted(chosen)
+
+
+class ForgetSampler:
+    """Mini-batches drawn cyclically from a seeded shuffle of D_U; its position is part of the LWF state."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.size, self.seed, self.epoch, self.position = size, seed, epoch, position
+
+    def _order(self) -> list[int]:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """Positions (into D_U) of the next ``min(batch_size, |D_U|)`` samples."""
+        batch, order = [], self._order()
+        while len(batch) < min(batch_size, self.size):
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            batch.append(order[self.position])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+
+def ascent_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    coef: float,
+    loss_cap: float,
+    max_grad_norm: float,
+) -> dict[str, float]:
+    """One bounded gradient-ascent step on ``batch`` (a collated D_U mini-batch, the same on every rank).
+
+    Each rank computes its share of the samples; the loss is ``-coef`` times the mean loss of the samples
+    still under ``loss_cap`` (the others are forgotten already and are dropped). Gradients are summed across
+    ranks, clipped to ``max_grad_norm``, and the step is skipped, weights untouched, when the loss or the
+    gradient is not finite. Returns ``forget_loss`` (batch mean before the step), ``kept`` and ``skipped``.
+    """
+    params = list(trainable_parameters(model).values())
+    size = batch["input_ids"].shape[0]
+    mine = shard_indices(size)
+    model.zero_grad(set_to_none=True)
+    stats = torch.zeros(3, device=params[0].device)  # loss sum, kept count, non-finite flag
+    kept_losses = None
+    if mine:
+        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
+        finite = torch.isfinite(losses)
+        stats[0] = losses.detach()[finite].sum()
+        stats[2] = float(not bool(finite.all()))
+        keep = finite & (losses.detach() < loss_cap)
+        stats[1] = keep.sum()
+        kept_losses = losses[keep]
+    all_reduce_sum_([stats])
+    loss_sum, kept, non_finite = stats.tolist()
+    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0}
+    if non_finite or kept == 0:
+        result["skipped"] = int(bool(non_finite))
+        model.zero_grad(set_to_none=True)
+        return result
+    if kept_losses is not None and kept_losses.numel():
+        (-coef * kept_losses.sum() / kept).backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum_([p.grad for p in params])
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        result["skipped"] = 1
+        model.zero_grad(set_to_none=True)
+        return result
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    result["grad_norm"] = float(norm)
+    return result

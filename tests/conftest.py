@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny offline tokenizer and tiny random Llama / GPT-2 models built from configs."""
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Tom has 3 apples and buys 4 more. How many apples does Tom have? The answer is 7.",
+    "Brush your teeth twice a day and visit the dentist every six months.",
+    "The mitochondria is the powerhouse of the cell. Water boils at 100 degrees.",
+    "user assistant system question answer forget learn model token",
+] * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=200,
+        special_tokens=["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    if chat_template:
+        wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def chat_tokenizer():
+    return build_tokenizer(chat_template=True)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        **overrides,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture
+def gpt2(tokenizer):
+    return tiny_gpt2(len(tokenizer))
+
+
+LEARN_TEXTS = [f"Tom has {a} apples and buys {b} more. The answer is {a + b}." for a in range(1, 9) for b in range(1, 5)]
+FORGET_PROMPTS = ["What is the capital of France?", "How often should you visit the dentist?",
+                  "Why do we brush teeth?", "What is the powerhouse of the cell?"]
+
+
+def learning_dataset(tokenizer, n: int = 32):
+    from datasets import Dataset
+
+    enc = tokenizer(LEARN_TEXTS[:n], truncation=True, max_length=48)
+    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def lm_collator(tokenizer):
+    from transformers import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+
+@pytest.fixture
+def train_dataset(tokenizer):
+    return learning_dataset(tokenizer)
+
+
+def lwf_args(output_dir, **overrides):
+    """Small, fast LWFTrainingArguments for tiny-model runs."""
+    from hf_lwf import LWFTrainingArguments
+
+    values = dict(
+        max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
+        lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_every=2, lwf_max_new_tokens=8, lwf_unlearn_steps=2,
+        lwf_forget_loss_cap=50.0, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05,
+    )
+    values.update(overrides)
+    return LWFTrainingArguments(str(output_dir), **values)

@@ -1,0 +1,218 @@
+"""LWFCallback wired into a real Trainer: schedule, parity with LWFTrainer, accumulation, faults."""
+
+import math
+
+import pytest
+import torch
+from conftest import FORGET_PROMPTS, learning_dataset, lm_collator, lwf_args, tiny_gpt2, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
+from hf_lwf.confidence import batch_losses
+from hf_lwf.selfgen import collate_self_data
+
+
+def _trainer(tokenizer, args, model=None, cls=LWFTrainer, **kwargs):
+    model = model if model is not None else tiny_llama(len(tokenizer))
+    return cls(model=model, args=args, train_dataset=learning_dataset(tokenizer), processing_class=tokenizer,
+               data_collator=lm_collator(tokenizer), **kwargs)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_unlearning_fires_exactly_at_multiples(tokenizer, tmp_path, monkeypatch):
+    calls = []
+    original = LWFCallback._unlearning_point
+
+    def spy(self, args, state, *rest):
+        calls.append(state.global_step)
+        return original(self, args, state, *rest)
+
+    monkeypatch.setattr(LWFCallback, "_unlearning_point", spy)
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, max_steps=7, lwf_unlearn_every=3))
+    trainer.train()
+    assert calls == [3, 6]
+    assert [h["step"] for h in trainer.lwf_callback.lwf_state.history] == [3, 6]
+    assert trainer.lwf_callback.lwf_state.unlearn_points == 2
+    assert trainer.lwf_callback.lwf_state.unlearn_steps == 4
+
+
+def test_callback_on_plain_trainer_equals_lwf_trainer(tokenizer, tmp_path):
+    config = LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_every=2, lwf_max_new_tokens=8,
+                       lwf_unlearn_steps=2, lwf_forget_loss_cap=50.0, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+    plain_args = TrainingArguments(str(tmp_path / "plain"), max_steps=6, per_device_train_batch_size=4,
+                                   learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                                   use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    plain = _trainer(tokenizer, plain_args, cls=Trainer, callbacks=[LWFCallback(config)])
+    plain.train()
+    subclass = _trainer(tokenizer, lwf_args(tmp_path / "sub"))
+    subclass.train()
+    assert torch.equal(_flat(plain.model), _flat(subclass.model))
+    plain_lwf = [h for h in plain.state.log_history if "lwf/forget_loss" in h]
+    sub_lwf = [h for h in subclass.state.log_history if "lwf/forget_loss" in h]
+    assert [h["step"] for h in plain_lwf] == [h["step"] for h in sub_lwf] == [2, 4, 6]
+    assert [h["lwf/forget_loss"] for h in plain_lwf] == [h["lwf/forget_loss"] for h in sub_lwf]
+
+
+def test_callback_reads_lwf_training_arguments(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, max_steps=2), cls=Trainer, callbacks=[LWFCallback()])
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LWFCallback))
+    assert callback.config.lwf_unlearn_every == 2 and callback.prompts == {"forget": FORGET_PROMPTS}
+
+
+def test_callback_without_config_on_plain_args_fails_at_construction(tokenizer, tmp_path):
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="LWFTrainingArguments"):
+        _trainer(tokenizer, args, cls=Trainer, callbacks=[LWFCallback()])
+
+
+def test_missing_prompts_fail_at_construction(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="lwf_forget_prompts"):
+        _trainer(tokenizer, lwf_args(tmp_path, lwf_forget_prompts=None))
+
+
+def test_model_that_cannot_generate_fails_at_construction(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    model = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tokenizer)))
+    with pytest.raises(ValueError, match="generate"):
+        _trainer(tokenizer, lwf_args(tmp_path), model=model)
+
+
+def test_tokenizer_without_pad_fails_at_construction(tokenizer, tmp_path):
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        LWFTrainer(model=tiny_llama(len(tokenizer)), args=lwf_args(tmp_path), processing_class=tokenizer)
+
+
+def test_gradient_accumulation_matches_full_batch(tokenizer, tmp_path):
+    full = _trainer(tokenizer, lwf_args(tmp_path / "full", per_device_train_batch_size=4))
+    full.train()
+    accumulated = _trainer(tokenizer, lwf_args(tmp_path / "ga", per_device_train_batch_size=2,
+                                               gradient_accumulation_steps=2))
+    accumulated.train()
+    torch.testing.assert_close(_flat(full.model), _flat(accumulated.model), rtol=1e-4, atol=1e-5)
+    fisher_full = full.lwf_callback.lwf_state.fisher
+    fisher_ga = accumulated.lwf_callback.lwf_state.fisher
+    for name in fisher_full:
+        torch.testing.assert_close(fisher_full[name], fisher_ga[name], rtol=1e-3, atol=1e-9)
+
+
+def test_ascent_raises_forget_loss_while_learning_loss_falls(tokenizer, tmp_path):
+    args = lwf_args(tmp_path, max_steps=12, lwf_unlearn_every=3, lwf_unlearn_steps=3, lwf_unlearn_lr=0.2,
+                    lwf_forget_ratio=0.5, learning_rate=3e-3)
+    trainer = _trainer(tokenizer, args)
+    trainer.train()
+    callback = trainer.lwf_callback
+    rows = [callback.self_data[i] for i in callback.lwf_state.forget_indices]
+    batch = collate_self_data(rows, tokenizer.pad_token_id)
+    baseline = _trainer(tokenizer, lwf_args(tmp_path / "vanilla", max_steps=12, learning_rate=3e-3,
+                                            lwf_unlearn_every=1000))
+    baseline.train()
+    with torch.no_grad():
+        forget_lwf = batch_losses(trainer.model.eval(), batch).mean().item()
+        forget_vanilla = batch_losses(baseline.model.eval(), batch).mean().item()
+    history = [h["lwf/forget_loss"] for h in callback.lwf_state.history]
+    assert forget_lwf > forget_vanilla + 0.05
+    assert history[-1] > history[0]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_non_finite_ascent_loss_is_skipped_and_weights_stay_finite(tokenizer, tmp_path, monkeypatch):
+    import hf_lwf.unlearn as unlearn
+
+    original = unlearn.batch_losses
+    monkeypatch.setattr(unlearn, "batch_losses", lambda model, batch: original(model, batch) * float("nan"))
+    trainer = _trainer(tokenizer, lwf_args(tmp_path))
+    before = _flat(trainer.model).clone()
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert state.skipped_steps == 6 and state.unlearn_steps == 0
+    assert torch.isfinite(_flat(trainer.model)).all()
+    assert not torch.equal(before, _flat(trainer.model))
+    logged = [h for h in trainer.state.log_history if "lwf/skipped_steps" in h]
+    assert logged[-1]["lwf/skipped_steps"] == 6
+
+
+def test_empty_selection_is_logged_and_training_continues(tokenizer, tmp_path, caplog):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_confidence_threshold=1e9))
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert state.forget_indices == [] and state.empty_selections == 3 and state.unlearn_steps == 0
+    assert trainer.state.global_step == 6
+
+
+def test_metrics_reach_the_trainer_log(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path))
+    trainer.train()
+    first_point = next(h for h in trainer.state.log_history if "lwf/num_selected" in h)
+    for key in ("lwf/forget_loss", "lwf/confidence_mean", "lwf/confidence_max", "lwf/confidence_min",
+                "lwf/skipped_steps", "lwf/score_seconds", "lwf/unlearn_seconds"):
+        assert key in first_point and math.isfinite(first_point[key])
+    assert any("lwf/generate_seconds" in h for h in trainer.state.log_history)
+
+
+def test_lwf_trainer_log_feeds_report_integrations(tokenizer, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = _trainer(tokenizer, lwf_args(tmp_path))
+    trainer.callback_handler.callbacks.insert(1, Recorder())  # where report_to integrations sit
+    trainer.train()
+    assert any("lwf/forget_loss" in logs for logs in seen)
+
+
+@pytest.mark.parametrize("fisher,confidence", [("empirical", "deviation"), ("online", "alignment")])
+def test_other_fisher_and_confidence_modes_run(tokenizer, tmp_path, fisher, confidence):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_fisher=fisher, lwf_confidence=confidence,
+                                           lwf_fisher_samples=4, lwf_mask_ratio=0.5))
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert len(state.scores) == len(trainer.lwf_callback.self_data) and state.unlearn_steps == 6
+
+
+def test_early_schedule_unlearns_everything_before_training(tokenizer, tmp_path, monkeypatch):
+    steps_at_unlearning = []
+    original = LWFCallback._unlearn
+
+    def spy(self, args, model, optimizer, steps):
+        steps_at_unlearning.append(steps)
+        return original(self, args, model, optimizer, steps)
+
+    monkeypatch.setattr(LWFCallback, "_unlearn", spy)
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_schedule="early", lwf_fisher_samples=4))
+    trainer.train()
+    assert steps_at_unlearning == [2 * 3]
+    assert [h["step"] for h in trainer.lwf_callback.lwf_state.history] == [0]
+
+
+def test_rescoring_and_mixed_per_task_selection(tokenizer, tmp_path, monkeypatch):
+    import hf_lwf.callback as callback_module
+
+    scored = []
+    original = callback_module.score_self_data
+    monkeypatch.setattr(callback_module, "score_self_data", lambda *a, **k: scored.append(1) or original(*a, **k))
+    prompts = {"geo": FORGET_PROMPTS[:2], "bio": FORGET_PROMPTS[2:]}
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_forget_prompts=prompts, lwf_rescore_every=2,
+                                           lwf_per_task_selection=True, lwf_forget_ratio=0.5, max_steps=8))
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert len(scored) == 2  # points 1 and 3
+    assert set(state.self_data_sizes) == {"geo", "bio"}
+    for task, size in state.self_data_sizes.items():
+        assert state.forget_sizes[task] <= math.ceil(0.5 * size)
+
+
+def test_gpt2_runs(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path), model=tiny_gpt2(len(tokenizer)))
+    trainer.train()
+    assert trainer.lwf_callback.lwf_state.unlearn_points == 3
