@@ -273,3 +273,13 @@ def _jsonable(value: Any) -> Any:
         return value
     fingerprint = getattr(value, "_fingerprint", None)
     return f"<{type(value).__name__} {fingerprint or len(value)}>"
+
+
+def fields_markdown_table() -> str:
+    """The README/docs table of every ``lwf_*`` field, generated from the dataclass (one source of truth)."""
+    rows = ["| field | default | description |", "|---|---|---|"]
+    for f in lwf_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{default!r}` | {help_text} |")
+    return "\n".join(rows)
