@@ -191,8 +191,23 @@ class LWFCallback(TrainerCallback):
         if self.config.lwf_schedule != "periodic" or state.global_step == 0 or state.global_step % every:
             return
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-        self._unlearning_point(args, state, model, optimizer, train_dataloader, lr)
+        weights = fisher_lib.snapshot(model)
+        try:
+            self._unlearning_point(args, state, model, optimizer, train_dataloader, lr)
+        except (RuntimeError, ValueError) as err:
+            # An LWF fault never costs the learning run: restore the weights, count it, keep training.
+            self._restore_weights(model, weights)
+            self.lwf_state.failed_points += 1
+            self._metrics["lwf/failed_points"] = float(self.lwf_state.failed_points)
+            logger.error(f"LWF: unlearning point at step {state.global_step} failed and was skipped: {err!r}")
         control.should_log = True
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_weights(model, weights) -> None:
+        model.zero_grad(set_to_none=True)
+        for name, param in fisher_lib.trainable_parameters(model).items():
+            param.copy_(weights[name])
 
     # ------------------------------------------------------------------------------- unlearning points
     def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float) -> None:

@@ -39,6 +39,7 @@ class LWFState:
     unlearn_steps: int = 0
     skipped_steps: int = 0
     empty_selections: int = 0
+    failed_points: int = 0
     scores: list[float] = field(default_factory=list)
     forget_indices: list[int] = field(default_factory=list)
     forget_sizes: dict[str, int] = field(default_factory=dict)

@@ -216,3 +216,19 @@ def test_gpt2_runs(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, lwf_args(tmp_path), model=tiny_gpt2(len(tokenizer)))
     trainer.train()
     assert trainer.lwf_callback.lwf_state.unlearn_points == 3
+
+
+def test_failing_unlearning_point_never_costs_the_learning_run(tokenizer, tmp_path, monkeypatch):
+    import hf_lwf.callback as callback_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring exploded")
+
+    monkeypatch.setattr(callback_module, "score_self_data", broken)
+    trainer = _trainer(tokenizer, lwf_args(tmp_path))
+    vanilla = _trainer(tokenizer, lwf_args(tmp_path / "vanilla", lwf_unlearn_every=1000))
+    trainer.train()
+    vanilla.train()
+    assert trainer.state.global_step == 6 and trainer.lwf_callback.lwf_state.failed_points == 3
+    torch.testing.assert_close(_flat(trainer.model), _flat(vanilla.model))
+    assert any(h.get("lwf/failed_points") == 3 for h in trainer.state.log_history)
