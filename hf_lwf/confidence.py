@@ -82,9 +82,8 @@ def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], dir
 
 def fisher_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor], curvature: TensorDict) -> torch.Tensor:
     """``n(x) = sum_i M_i F_i g_{x,i}**2`` for every sample of ``batch`` (one backward per sample)."""
-    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
     norms = []
-    for grads in per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0]):
+    for grads in _per_sample_gradients(model, batch):
         norms.append(sum((curvature[n] * grads[n].pow(2)).sum() for n in curvature))
     model.zero_grad(set_to_none=True)
     return torch.stack(norms).float()
@@ -94,13 +93,17 @@ def reference_confidence(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict, curvature: TensorDict, lr: float, mode: str
 ) -> torch.Tensor:
     """The slow, obvious c(x): full per-sample gradients, then the formula term by term."""
-    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
     a, n = [], []
-    for grads in per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0]):
+    for grads in _per_sample_gradients(model, batch):
         a.append(sum((grads[k] * direction[k]).sum() for k in direction))
         n.append(sum((curvature[k] * grads[k].pow(2)).sum() for k in curvature))
     model.zero_grad(set_to_none=True)
     return combine(torch.stack(a), torch.stack(n), lr, mode)
+
+
+def _per_sample_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    return per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0])
 
 
 def score_self_data(
