@@ -232,3 +232,12 @@ def test_failing_unlearning_point_never_costs_the_learning_run(tokenizer, tmp_pa
     assert trainer.state.global_step == 6 and trainer.lwf_callback.lwf_state.failed_points == 3
     torch.testing.assert_close(_flat(trainer.model), _flat(vanilla.model))
     assert any(h.get("lwf/failed_points") == 3 for h in trainer.state.log_history)
+
+
+def test_bf16_mixed_precision_runs_and_stays_finite(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, bf16=True))
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert state.unlearn_steps == 6 and state.failed_points == 0
+    assert all(torch.isfinite(torch.tensor(state.scores)))
+    assert torch.isfinite(_flat(trainer.model)).all()
