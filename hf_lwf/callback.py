@@ -250,11 +250,12 @@ class LWFCallback(TrainerCallback):
             model, self.self_data, self._pad_id, direction, curvature, lr,
             mode=config.lwf_confidence, batch_size=config.lwf_score_batch_size, show_progress=_show_progress(args),
         )
-        if not torch.isfinite(scores).all():
-            logger.warning(f"LWF: {int((~torch.isfinite(scores)).sum())} samples got a non-finite confidence; they are never selected.")
-            scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e30))
+        finite = torch.isfinite(scores)
+        if not finite.all():
+            logger.warning(f"LWF: {int((~finite).sum())} samples got a non-finite confidence; they are never selected.")
         tasks = self.self_data["task"]
-        lwf.scores = scores.tolist()
+        # JSON has no NaN: the state records non-finite scores as -1e30 (selection used the real values).
+        lwf.scores = torch.where(finite, scores, torch.full_like(scores, -1e30)).tolist()
         lwf.forget_indices = select_forget_set(
             scores, tasks, config.forget_amount, threshold=config.lwf_confidence_threshold,
             selection=config.lwf_selection, per_task=config.lwf_per_task_selection, seed=seed,
@@ -264,11 +265,12 @@ class LWFCallback(TrainerCallback):
             lwf.forget_sizes[tasks[index]] = lwf.forget_sizes.get(tasks[index], 0) + 1
         self._sampler = ForgetSampler(len(lwf.forget_indices), seed=seed)
         lwf.sampler = self._sampler.state_dict()
+        valid = scores[finite] if finite.any() else torch.zeros(1)
         self._metrics.update({
             "lwf/num_selected": float(len(lwf.forget_indices)),
-            "lwf/confidence_mean": float(scores.mean()),
-            "lwf/confidence_max": float(scores.max()),
-            "lwf/confidence_min": float(scores.min()),
+            "lwf/confidence_mean": float(valid.mean()),
+            "lwf/confidence_max": float(valid.max()),
+            "lwf/confidence_min": float(valid.min()),
             "lwf/score_seconds": time.perf_counter() - start,
         })
 

@@ -42,11 +42,12 @@ def lwf_card_section(callback: LWFCallback) -> str:
     ]
     for task, size in lwf.self_data_sizes.items():
         lines.append(f"| {task} | {size} | {lwf.forget_sizes.get(task, 0)} |")
-    if lwf.scores:
+    scores = [s for s in lwf.scores if s > -1e29]  # -1e30 marks a non-finite score in the state
+    if scores:
         lines += [
             "",
-            f"Forgetting confidence over D_self ({config.lwf_confidence}): mean {statistics.fmean(lwf.scores):.4g}, "
-            f"min {min(lwf.scores):.4g}, max {max(lwf.scores):.4g}; threshold {config.lwf_confidence_threshold}, "
+            f"Forgetting confidence over D_self ({config.lwf_confidence}): mean {statistics.fmean(scores):.4g}, "
+            f"min {min(scores):.4g}, max {max(scores):.4g}; threshold {config.lwf_confidence_threshold}, "
             f"selection `{config.lwf_selection}` with {size_rule}.",
         ]
     schedule = (

@@ -83,7 +83,7 @@ class LWFState:
         if unknown:
             raise ValueError(f"{json_path} has unknown fields {sorted(unknown)}: not an hf_lwf state file.")
         for name, value in data.items():
-            if not _type_matches(value, getattr(cls(), name)):
+            if not _type_matches(value, getattr(cls(), name)) or not _elements_match(name, value):
                 raise ValueError(f"{json_path}: field {name!r} has the wrong type ({type(value).__name__}).")
         state = cls(**data)
         try:
@@ -112,6 +112,19 @@ def atomic_write_text(directory: str, name: str, text: str) -> str:
     return _atomic_write(directory, name, lambda path: _write_text(path, text))
 
 
+# Element types of the container fields: JSON ints are valid floats, bools are neither.
+_ELEMENT_TYPES = {"self_data_sizes": int, "forget_sizes": int, "sampler": int, "forget_indices": int, "scores": float}
+
+
+def _elements_match(name: str, value: Any) -> bool:
+    kind = _ELEMENT_TYPES.get(name)
+    if kind is None:
+        return True
+    allowed = (int, float) if kind is float else (int,)
+    items = value.values() if isinstance(value, dict) else value
+    return all(isinstance(v, allowed) and not isinstance(v, bool) for v in items)
+
+
 def _type_matches(value: Any, default: Any) -> bool:
     if default is None:
         return value is None or isinstance(value, str)
@@ -134,9 +147,16 @@ def _atomic_write(directory: str, name: str, write) -> str:
     os.close(descriptor)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         target = os.path.join(directory, name)
         os.replace(temporary, target)
         return target
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

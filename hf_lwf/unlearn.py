@@ -15,7 +15,8 @@ from .fisher import trainable_parameters
 def forget_size(num_items: int, amount: tuple[str, float]) -> int:
     """``ceil(r * n)`` for ``("ratio", r)``, ``min(k, n)`` for ``("top_k", k)``."""
     kind, value = amount
-    return min(num_items, math.ceil(value * num_items) if kind == "ratio" else int(value))
+    # Round first: 0.07 * 100 == 7.000000000000001 in floating point, whose ceiling would be 8.
+    return min(num_items, math.ceil(round(value * num_items, 9)) if kind == "ratio" else int(value))
 
 
 def select_forget_set(
@@ -33,12 +34,16 @@ def select_forget_set(
     ``top`` keeps the samples with ``c(x) > threshold`` and of those the highest-scoring ``forget_size``.
     The ablations take the same number of samples: ``bottom`` the lowest-scoring, ``random`` uniformly
     (seeded); ``all`` takes every sample. With ``per_task`` the size and the choice apply within each task.
+    A sample with a non-finite score is never selected.
     """
     if len(scores) != len(tasks):
         raise ValueError(f"{len(scores)} scores but {len(tasks)} task names.")
     groups = {}
+    finite = torch.isfinite(scores).tolist()
     for index, task in enumerate(tasks):
-        groups.setdefault(task if per_task else "", []).append(index)
+        groups.setdefault(task if per_task else "", [])
+        if finite[index]:
+            groups[task if per_task else ""].append(index)
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for members in groups.values():

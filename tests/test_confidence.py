@@ -1,0 +1,224 @@
+"""Step 3: forgetting confidence c(x) against slow per-sample-backward references."""
+
+import pytest
+import torch
+from conftest import FORGET_PROMPTS, tiny_gpt2, tiny_llama
+
+from hf_lwf.confidence import (
+    alignment_scores,
+    batch_losses,
+    combine,
+    fisher_norms,
+    reference_confidence,
+    score_self_data,
+    sequence_losses,
+)
+from hf_lwf.fisher import masked_fisher, trainable_parameters, update_mask, weighted_direction
+from hf_lwf.selfgen import collate_self_data, encode_prompt, generate_self_data
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request, tokenizer):
+    m = MODELS[request.param](len(tokenizer), seed=1)
+    m.eval()
+    return m
+
+
+def _rows(tokenizer):
+    """Self-data-like rows of different prompt and response lengths."""
+    responses = [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70]]
+    return [
+        {"task": "t", "prompt": p, "prompt_ids": encode_prompt(tokenizer, p), "response_ids": r, "text": ""}
+        for p, r in zip(FORGET_PROMPTS, responses)
+    ]
+
+
+def _fisher_and_delta(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = trainable_parameters(model)
+    fisher = {n: torch.rand(p.shape, generator=g) * 1e-2 for n, p in params.items()}
+    delta = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in params.items()}
+    return fisher, delta
+
+
+def _per_sample_grads(model, batch):
+    """The obvious reference: one backward per row, on that row of the padded batch."""
+    params = dict(model.named_parameters())
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]).logits
+        sequence_losses(logits, batch["labels"][i : i + 1])[0].backward()
+        out.append({n: p.grad.detach().double().clone() for n, p in params.items()})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _assert_close_scaled(actual, expected, rtol=1e-5):
+    actual, expected = actual.double(), expected.double()
+    scale = float(expected.abs().max())
+    assert scale > 0
+    assert float((actual - expected).abs().max()) <= rtol * scale, (actual, expected)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_sequence_losses_match_a_hand_loop():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.tensor([
+        [-100, -100, 3, 4, 5, -100],
+        [-100, 7, 8, 9, 10, 1],
+        [-100, -100, -100, -100, -100, -100],
+    ])
+    expected = []
+    for b in range(3):
+        terms = [-torch.log_softmax(logits[b, t - 1].double(), -1)[labels[b, t]] for t in range(1, 6) if labels[b, t] != -100]
+        expected.append(sum(terms) / len(terms) if terms else torch.tensor(0.0, dtype=torch.float64))
+    losses = sequence_losses(logits, labels)
+    assert losses.shape == (3,) and losses.dtype == torch.float32
+    torch.testing.assert_close(losses.double(), torch.stack(expected), rtol=1e-6, atol=1e-7)
+    assert losses[2].item() == 0.0  # no response token: zero, not NaN
+    half = sequence_losses(logits.half(), labels)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), torch.stack(expected), rtol=1e-2, atol=1e-2)
+
+
+def test_batch_losses_equal_the_model_loss_per_row(model, tokenizer):
+    batch = collate_self_data(_rows(tokenizer), tokenizer.pad_token_id)
+    losses = batch_losses(model, batch)
+    for i in range(4):
+        single = {k: v[i : i + 1] for k, v in batch.items()}
+        torch.testing.assert_close(losses[i], model(**single).loss.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- combine
+
+
+def test_combine_formula():
+    a, n = torch.tensor([1.0, -2.0]), torch.tensor([4.0, 0.5])
+    assert combine(a, n, 0.1, "alignment").tolist() == pytest.approx([0.1, -0.2])
+    assert combine(a, None, 0.1, "alignment").tolist() == pytest.approx([0.1, -0.2])
+    assert combine(a, n, 0.1, "deviation").tolist() == pytest.approx([0.1 + 0.02, -0.2 + 0.0025])
+    with pytest.raises(ValueError, match="n\\(x\\)"):
+        combine(a, None, 0.1, "deviation")
+
+
+# ---------------------------------------------------------------- alignment (JVP) and norms
+
+
+def test_alignment_scores_match_per_sample_backward(model, tokenizer):
+    assert model.config._attn_implementation == "sdpa"
+    batch = collate_self_data(_rows(tokenizer), tokenizer.pad_token_id)
+    fisher, delta = _fisher_and_delta(model)
+    direction = weighted_direction(fisher, delta, None)
+    scores = alignment_scores(model, batch, direction)
+    assert model.config._attn_implementation == "sdpa"  # restored after the eager switch
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    grads = _per_sample_grads(model, batch)
+    expected = torch.stack([sum((g[n] * direction[n].double()).sum() for n in direction) for g in grads])
+    _assert_close_scaled(scores, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_alignment_scores_on_a_subset_of_parameters(model, tokenizer):
+    batch = collate_self_data(_rows(tokenizer)[:2], tokenizer.pad_token_id)
+    fisher, delta = _fisher_and_delta(model, seed=3)
+    names = [n for n in fisher if "mlp" in n or "embed" in n or "wte" in n]
+    direction = {n: fisher[n] * delta[n] for n in names}
+    scores = alignment_scores(model, batch, direction)
+    grads = _per_sample_grads(model, batch)
+    expected = torch.stack([sum((g[n] * direction[n].double()).sum() for n in names) for g in grads])
+    _assert_close_scaled(scores, expected)
+
+
+def test_fisher_norms_match_per_sample_backward(model, tokenizer):
+    batch = collate_self_data(_rows(tokenizer), tokenizer.pad_token_id)
+    fisher, delta = _fisher_and_delta(model)
+    curvature = masked_fisher(fisher, update_mask(fisher, delta, 0.3))
+    norms = fisher_norms(model, batch, curvature)
+    grads = _per_sample_grads(model, batch)
+    expected = torch.stack([sum((curvature[n].double() * g[n] ** 2).sum() for n in curvature) for g in grads])
+    _assert_close_scaled(norms, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["deviation", "alignment"])
+def test_reference_confidence_is_the_quadratic_model(model, tokenizer, mode):
+    """c(x) = 1/2 (u - D)^T F_M (u - D) - 1/2 D^T F_M D with u = -eta g_x (alignment: only the linear term)."""
+    batch = collate_self_data(_rows(tokenizer), tokenizer.pad_token_id)
+    fisher, delta = _fisher_and_delta(model, seed=5)
+    mask = update_mask(fisher, delta, 0.5)
+    lr = 0.05
+    c = reference_confidence(model, batch, weighted_direction(fisher, delta, mask), masked_fisher(fisher, mask), lr, mode)
+    expected = []
+    for g in _per_sample_grads(model, batch):
+        fm = {n: (fisher[n] * mask[n]).double() for n in fisher}
+        d = {n: delta[n].double() for n in fisher}
+        if mode == "deviation":
+            u = {n: -lr * g[n] for n in fisher}
+            value = sum(0.5 * (fm[n] * (u[n] - d[n]) ** 2).sum() - 0.5 * (fm[n] * d[n] ** 2).sum() for n in fisher)
+        else:
+            value = sum(lr * (g[n] * fm[n] * d[n]).sum() for n in fisher)
+        expected.append(value)
+    _assert_close_scaled(c, torch.stack(expected), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- score_self_data
+
+
+@pytest.mark.parametrize("mode", ["deviation", "alignment"])
+def test_score_self_data_equals_reference_over_generated_rows(model, tokenizer, mode):
+    ds = generate_self_data(model, tokenizer, {"a": FORGET_PROMPTS[:2], "b": FORGET_PROMPTS[2:]}, samples_per_prompt=2,
+                            max_new_tokens=5, seed=3, show_progress=False)
+    assert len(ds) >= 5
+    fisher, delta = _fisher_and_delta(model, seed=2)
+    mask = update_mask(fisher, delta, 0.5)
+    direction, curvature = weighted_direction(fisher, delta, mask), masked_fisher(fisher, mask)
+    lr = 0.1
+    model.train()
+    scores = score_self_data(model, ds, tokenizer.pad_token_id, direction, curvature, lr, mode, batch_size=3,
+                             show_progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    assert all(p.grad is None for p in model.parameters())
+    assert scores.shape == (len(ds),) and scores.dtype == torch.float32 and scores.device.type == "cpu"
+
+    model.eval()
+    rows = list(ds)
+    expected = torch.cat([
+        reference_confidence(model, collate_self_data([row], tokenizer.pad_token_id), direction, curvature, lr, mode)
+        for row in rows
+    ])
+    _assert_close_scaled(scores, expected, rtol=1e-4)
+    # The same rows in one padded batch give the same reference values.
+    batched = reference_confidence(model, collate_self_data(rows, tokenizer.pad_token_id), direction, curvature, lr, mode)
+    _assert_close_scaled(batched, expected, rtol=1e-4)
+
+
+def test_deviation_adds_the_positive_quadratic_term(llama, tokenizer):
+    llama.eval()
+    rows = _rows(tokenizer)
+    fisher, delta = _fisher_and_delta(llama)
+    direction, curvature = weighted_direction(fisher, delta, None), masked_fisher(fisher, None)
+    dev = score_self_data(llama, rows, 0, direction, curvature, 0.5, "deviation", show_progress=False)
+    ali = score_self_data(llama, rows, 0, direction, curvature, 0.5, "alignment", show_progress=False)
+    norms = fisher_norms(llama, collate_self_data(rows, 0), curvature)
+    assert bool((norms > 0).all())
+    torch.testing.assert_close(dev, ali + 0.5 * 0.25 * norms, rtol=1e-5, atol=1e-9)
+
+
+def test_alignment_is_linear_in_the_direction(llama, tokenizer):
+    llama.eval()
+    batch = collate_self_data(_rows(tokenizer), 0)
+    fisher, delta = _fisher_and_delta(llama)
+    w = weighted_direction(fisher, delta, None)
+    a = alignment_scores(llama, batch, w)
+    a_neg = alignment_scores(llama, batch, {n: -2 * t for n, t in w.items()})
+    torch.testing.assert_close(a_neg, -2 * a, rtol=1e-5, atol=1e-12)
+    zero = alignment_scores(llama, batch, {n: torch.zeros_like(t) for n, t in w.items()})
+    assert zero.tolist() == [0.0] * 4

@@ -1,0 +1,219 @@
+"""Step 2: online and empirical Fisher, intended update, update mask and the weighted direction."""
+
+import pytest
+import torch
+from conftest import LEARN_TEXTS
+
+from hf_lwf.fisher import (
+    bias_corrected,
+    empirical_fisher,
+    intended_update,
+    masked_fisher,
+    online_fisher_update_,
+    per_sample_gradients,
+    snapshot,
+    trainable_parameters,
+    update_mask,
+    weighted_direction,
+)
+
+
+def _random_dict(seed, shapes=(("a", (3, 4)), ("b", (5,)), ("c", (2, 2, 2)))):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes}
+
+
+# ---------------------------------------------------------------- online Fisher
+
+
+def test_online_update_matches_the_formula_over_several_steps():
+    decay = 0.9
+    fisher = {}
+    expected = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in _random_dict(0).items()}
+    for step in range(5):
+        grads = _random_dict(step)
+        online_fisher_update_(fisher, grads, decay)
+        for name, g in grads.items():
+            expected[name] = decay * expected[name] + (1 - decay) * g.double() ** 2
+    for name in expected:
+        assert fisher[name].dtype == torch.float32
+        torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-6, atol=0)
+    corrected = bias_corrected(fisher, 5, decay)
+    for name in expected:
+        torch.testing.assert_close(corrected[name].double(), expected[name] / (1 - decay**5), rtol=1e-6, atol=0)
+
+
+def test_hand_computed_two_steps():
+    fisher = {}
+    online_fisher_update_(fisher, {"w": torch.tensor([1.0, -2.0])}, 0.5)
+    assert fisher["w"].tolist() == [0.5, 2.0]
+    online_fisher_update_(fisher, {"w": torch.tensor([3.0, 0.0])}, 0.5)
+    assert fisher["w"].tolist() == [0.25 + 4.5, 1.0]
+    # Bias correction: divide by 1 - 0.5**2 = 0.75.
+    assert bias_corrected(fisher, 2, 0.5)["w"].tolist() == pytest.approx([4.75 / 0.75, 1.0 / 0.75])
+
+
+def test_bias_correction_of_a_constant_gradient_is_exact():
+    g = {"w": torch.tensor([0.5, -3.0, 2.0])}
+    fisher = {}
+    for t in range(1, 7):
+        online_fisher_update_(fisher, g, 0.95)
+        torch.testing.assert_close(bias_corrected(fisher, t, 0.95)["w"], g["w"] ** 2, rtol=1e-5, atol=0)
+
+
+def test_online_update_details():
+    fisher = {}
+    g = torch.tensor([2.0, 1.0], dtype=torch.bfloat16, requires_grad=True)
+    online_fisher_update_(fisher, {"w": g * 1}, 0.0)  # decay 0: F = g**2
+    assert fisher["w"].dtype == torch.float32 and not fisher["w"].requires_grad
+    assert fisher["w"].tolist() == [4.0, 1.0]
+    online_fisher_update_(fisher, {"v": torch.tensor([3.0])}, 0.5)  # a new entry starts at zero
+    assert fisher["v"].tolist() == [4.5] and fisher["w"].tolist() == [4.0, 1.0]
+
+
+def test_bias_corrected_without_updates_is_an_error():
+    with pytest.raises(ValueError, match="at least one learning step"):
+        bias_corrected({"w": torch.ones(2)}, 0, 0.9)
+
+
+# ---------------------------------------------------------------- empirical Fisher
+
+
+class Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+
+def _linear_loss(model, batch):
+    return (model.w * batch["x"]).sum()
+
+
+def test_empirical_fisher_is_mean_of_squares_not_square_of_mean():
+    # Per-sample gradients of w.x are x: [1, 2] and [-1, 2] -> F = mean g^2 = [1, 4], mean g = [0, 2].
+    model = Scalar()
+    examples = [{"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([-1.0, 2.0])}]
+    fisher, mean = empirical_fisher(model, examples, _linear_loss)
+    assert set(fisher) == {"w", "unused"}  # frozen parameters are not scored
+    assert fisher["w"].tolist() == [1.0, 4.0]
+    assert mean["w"].tolist() == [0.0, 2.0]
+    assert (mean["w"] ** 2).tolist() == [0.0, 4.0] != fisher["w"].tolist()
+    assert fisher["unused"].tolist() == [0.0] * 3 and mean["unused"].tolist() == [0.0] * 3
+
+
+def test_empirical_fisher_needs_examples():
+    with pytest.raises(ValueError, match="lwf_fisher_samples"):
+        empirical_fisher(Scalar(), [], _linear_loss)
+
+
+def _examples(tokenizer, n=4):
+    examples = []
+    texts = [LEARN_TEXTS[0], "Tom has 3 apples.", LEARN_TEXTS[-1] + " Paris.", "Brush your teeth."]
+    for text in texts[:n]:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return examples
+
+
+def test_empirical_fisher_matches_an_explicit_per_example_loop(llama, tokenizer):
+    examples = _examples(tokenizer)
+    assert len({e["input_ids"].shape[1] for e in examples}) > 1  # different lengths: not one padded batch
+    llama.train()
+    fisher, mean = empirical_fisher(llama, examples)
+    assert llama.training
+    assert all(p.grad is None for p in llama.parameters())
+
+    llama.eval()
+    params = dict(llama.named_parameters())
+    sq = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for example in examples:
+        llama.zero_grad()
+        llama(**example).loss.backward()
+        for n, p in params.items():
+            sq[n] += p.grad.double() ** 2
+            total[n] += p.grad.double()
+    llama.zero_grad(set_to_none=True)
+    assert set(fisher) == set(params)
+    for n in params:
+        torch.testing.assert_close(fisher[n].double(), sq[n] / len(examples), rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(mean[n].double(), total[n] / len(examples), rtol=1e-4, atol=1e-9)
+    # On real gradients the two estimates differ: mean(g^2) >= mean(g)^2, strictly somewhere.
+    flat_f = torch.cat([fisher[n].reshape(-1) for n in params])
+    flat_m2 = torch.cat([mean[n].reshape(-1) ** 2 for n in params])
+    assert bool((flat_f >= flat_m2 * (1 - 1e-5) - 1e-12).all())
+    assert float((flat_f - flat_m2).abs().max()) > 1e-3 * float(flat_f.max())
+
+
+def test_per_sample_gradients_are_one_per_example(llama, tokenizer):
+    examples = _examples(tokenizer, 2)
+    grads = list(per_sample_gradients(llama, examples))
+    assert len(grads) == 2
+    llama.zero_grad()
+    llama(**examples[1]).loss.backward()
+    for n, p in llama.named_parameters():
+        torch.testing.assert_close(grads[1][n], p.grad, rtol=1e-5, atol=1e-8)
+    llama.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- intended update, mask, direction
+
+
+def test_snapshot_and_intended_update():
+    model = Scalar()
+    reference = snapshot(model)
+    assert set(reference) == set(trainable_parameters(model)) == {"w", "unused"}
+    with torch.no_grad():
+        model.w.add_(torch.tensor([0.5, -0.25]))
+    assert reference["w"].tolist() == [1.0, 1.0]  # a copy, not a view
+    delta = intended_update(snapshot(model), reference)
+    assert delta["w"].tolist() == [0.5, -0.25] and delta["unused"].tolist() == [0.0] * 3
+    current = {n: p for n, p in model.named_parameters()}
+    assert intended_update(current, reference)["w"].tolist() == [0.5, -0.25]
+    assert not intended_update(current, reference)["w"].requires_grad
+
+
+def _reference_mask(fisher, delta, keep):
+    scored = sorted(
+        ((float((fisher[n] * delta[n]).reshape(-1)[i].abs()), n, i) for n in fisher for i in range(fisher[n].numel())),
+        reverse=True,
+    )
+    return {(n, i) for _, n, i in scored[:keep]}
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.15, 0.25, 0.3, 0.37, 0.5, 0.9])
+def test_update_mask_keeps_the_largest_entries(ratio):
+    fisher = {n: t.abs() for n, t in _random_dict(1).items()}
+    delta = _random_dict(2)
+    total = sum(t.numel() for t in fisher.values())  # 25
+    mask = update_mask(fisher, delta, ratio)
+    keep = max(1, int(round(ratio * total)))
+    assert sum(int(m.sum()) for m in mask.values()) == keep
+    chosen = {(n, i) for n, m in mask.items() for i in (m.reshape(-1) == 1).nonzero().flatten().tolist()}
+    assert chosen == _reference_mask(fisher, delta, keep)
+    for n, m in mask.items():
+        assert m.shape == fisher[n].shape and m.dtype == torch.float32
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_update_mask_edge_ratios():
+    fisher = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    delta = {"a": torch.tensor([4.0, -3.0, 0.1, -1.0])}  # |F*D| = 4, 6, 0.3, 4
+    assert update_mask(fisher, delta, 1.0) is None
+    assert update_mask(fisher, delta, 0.01)["a"].tolist() == [0.0, 1.0, 0.0, 0.0]  # at least one entry
+    assert update_mask(fisher, delta, 0.75)["a"].tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_weighted_direction_and_masked_fisher():
+    fisher = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[0.5, 4.0]])}
+    delta = {"a": torch.tensor([-1.0, 0.5, 2.0]), "b": torch.tensor([[2.0, -0.25]])}
+    mask = {"a": torch.tensor([1.0, 0.0, 1.0]), "b": torch.tensor([[0.0, 1.0]])}
+    w = weighted_direction(fisher, delta, mask)
+    assert w["a"].tolist() == [-1.0, 0.0, 6.0] and w["b"].tolist() == [[0.0, -1.0]]
+    w_all = weighted_direction(fisher, delta, None)
+    assert w_all["a"].tolist() == [-1.0, 1.0, 6.0] and w_all["b"].tolist() == [[1.0, -1.0]]
+    fm = masked_fisher(fisher, mask)
+    assert fm["a"].tolist() == [1.0, 0.0, 3.0] and fm["b"].tolist() == [[0.0, 4.0]]
+    assert masked_fisher(fisher, None) is fisher
