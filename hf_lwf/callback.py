@@ -106,15 +106,12 @@ class LWFCallback(TrainerCallback):
         config = self.config
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
-        resumed = self._restore(args, state, current)
-        if not resumed:
-            self.lwf_state = current
+        if not self._restore(args, state, current):
+            self.lwf_state, self.self_data, self._sampler = current, None, None
         if self.self_data is None:
             self._build_self_data(args, model, processing_class)
         if not self.lwf_state.reference:
             self.lwf_state.reference = fisher_lib.snapshot(model)
-        if self.lwf_state.forget_indices and self._sampler is None:
-            self._sampler = ForgetSampler(**self.lwf_state.sampler)
         if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
             self._early_unlearning(args, state, model, optimizer, train_dataloader)
 
