@@ -1,7 +1,6 @@
 """The hf-lwf command line: config files and flags, learning-data preparation, `train` and `inspect` end to end."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -301,3 +300,12 @@ def test_format_table_truncates_and_elides():
     assert len(lines) == 5 and "(3 more)" in lines[3]
     assert all(len(line) < 80 for line in lines)
     assert "line break" in format_table(samples)
+
+
+@pytest.mark.parametrize(
+    "example", sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples")) if p.endswith(".yaml"))
+)
+def test_examples_parse(example):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", example)
+    model_args, data_args, command, args = parse_command(train_parser(), [path, "--use_cpu", "--bf16", "false"])
+    assert model_args.model_name_or_path and data_args.dataset and args.lwf_forget_prompts and command.lwf
