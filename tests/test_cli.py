@@ -1,5 +1,6 @@
 """The hf-lwf command line: config files and flags, learning-data preparation, `train` and `inspect` end to end."""
 
+import os
 import json
 import subprocess
 import sys
