@@ -1,7 +1,7 @@
 """The hf-lwf command line: config files and flags, learning-data preparation, `train` and `inspect` end to end."""
 
-import os
 import json
+import os
 import subprocess
 import sys
 
