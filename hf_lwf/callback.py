@@ -188,9 +188,9 @@ class LWFCallback(TrainerCallback):
         if self.config.lwf_schedule != "periodic" or state.global_step == 0 or state.global_step % every:
             return
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-        weights = fisher_lib.snapshot(model)
+        weights = fisher_lib.snapshot(model)  # theta_now: the intended update's end point, and the fault backup
         try:
-            self._unlearning_point(args, state, model, optimizer, train_dataloader, lr)
+            self._unlearning_point(args, state, model, optimizer, train_dataloader, lr, weights)
         except (RuntimeError, ValueError) as err:
             # An LWF fault never costs the learning run: restore the weights, count it, keep training.
             self._restore_weights(model, weights)
@@ -207,7 +207,7 @@ class LWFCallback(TrainerCallback):
             param.copy_(weights[name])
 
     # ------------------------------------------------------------------------------- unlearning points
-    def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float) -> None:
+    def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float, current) -> None:
         config, lwf = self.config, self.lwf_state
         point = lwf.unlearn_points + 1
         rescore = config.lwf_rescore_every > 0 and (point - 1) % config.lwf_rescore_every == 0
@@ -217,7 +217,7 @@ class LWFCallback(TrainerCallback):
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
                 curvature, _ = fisher_lib.empirical_fisher(model, examples)
-            delta = fisher_lib.intended_update(fisher_lib.snapshot(model), lwf.reference)
+            delta = fisher_lib.intended_update(current, lwf.reference)
             self._score_and_select(args, model, curvature, delta, lr, seed=config.lwf_seed + point)
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point

@@ -156,32 +156,17 @@ def demo_defaults(quick: bool = False) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                      desc: str = "generating", show_progress: bool = True) -> list[str]:
     """Greedy answers to ``prompts`` (chat-formatted user turns), batched with left padding."""
-    from .selfgen import _cut_at_eos, _eos_ids, encode_prompt
+    from .selfgen import encode_prompt, generate_responses, generation_mode
 
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
     answers = []
-    try:
+    with generation_mode(model, tokenizer):
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress, leave=False):
             encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            padded = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
-            output = model.generate(
-                input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids, use_cache=True,
-            )
-            for tokens in output[:, padded["input_ids"].shape[1] :].tolist():
-                answers.append(tokenizer.decode(_cut_at_eos(tokens, eos_ids), skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+            responses = generate_responses(model, tokenizer, encoded, max_new_tokens=max_new_tokens)
+            answers += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
     return answers
 
 

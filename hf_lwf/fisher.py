@@ -43,7 +43,6 @@ def per_sample_gradients(
     """Yield the gradient of each single-example batch (one backward per example: the plain reference)."""
     params = trainable_parameters(model)
     for batch in batches:
-        model.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         yield {

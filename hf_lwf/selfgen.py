@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -61,7 +63,46 @@ def encode_prompts(tokenizer, prompts: dict[str, list[str]], max_length: int | N
     return encoded
 
 
+@contextlib.contextmanager
+def generation_mode(model, tokenizer):
+    """Eval mode and left padding for batched ``generate``; both are restored afterwards."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+
+
 @torch.no_grad()
+def generate_responses(
+    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+) -> list[list[int]]:
+    """Response token ids (up to and including the first eos) for a batch of tokenised prompts.
+
+    Call it inside :func:`generation_mode`. ``temperature=0`` decodes greedily.
+    """
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    padded = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
+    sampling = temperature > 0
+    output = model.generate(
+        input_ids=padded["input_ids"].to(device),
+        attention_mask=padded["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+    )
+    return [_cut_at_eos(tokens, eos_ids) for tokens in output[:, padded["input_ids"].shape[1] :].tolist()]
+
+
 def generate_self_data(
     model,
     tokenizer,
@@ -84,47 +125,28 @@ def generate_self_data(
     encoded = encode_prompts(tokenizer, prompts, context_length(model), max_new_tokens)
     jobs = [(task, text, ids) for task in prompts for text, ids in zip(prompts[task], encoded[task])]
     jobs = [job for job in jobs for _ in range(samples_per_prompt)]
-    eos_ids = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
-    was_training, padding_side = model.training, tokenizer.padding_side
     rows, seen = [], set()
-    model.eval()
-    tokenizer.padding_side = "left"
-    try:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed)
-            bar = tqdm(total=len(jobs), desc="LWF self-generation", disable=not show_progress, leave=False)
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start : start + batch_size]
-                padded = tokenizer.pad({"input_ids": [ids for _, _, ids in batch]}, return_tensors="pt")
-                output = model.generate(
-                    input_ids=padded["input_ids"].to(device),
-                    attention_mask=padded["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else None,
-                    top_p=top_p if temperature > 0 else None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos_ids,
-                    use_cache=True,
+    with generation_mode(model, tokenizer), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        bar = tqdm(total=len(jobs), desc="LWF self-generation", disable=not show_progress, leave=False)
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            responses = generate_responses(
+                model, tokenizer, [ids for _, _, ids in batch],
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            )
+            for (task, text, prompt_ids), response in zip(batch, responses):
+                decoded = tokenizer.decode(response, skip_special_tokens=True)
+                key = (task, text, decoded.strip())
+                if not decoded.strip() or key in seen:
+                    continue
+                seen.add(key)
+                rows.append(
+                    {"task": task, "prompt": text, "prompt_ids": prompt_ids, "response_ids": response, "text": decoded}
                 )
-                new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
-                for (task, text, prompt_ids), tokens in zip(batch, new_tokens):
-                    response = _cut_at_eos(tokens, eos_ids)
-                    decoded = tokenizer.decode(response, skip_special_tokens=True)
-                    key = (task, text, decoded.strip())
-                    if not decoded.strip() or key in seen:
-                        continue
-                    seen.add(key)
-                    rows.append(
-                        {"task": task, "prompt": text, "prompt_ids": prompt_ids, "response_ids": response, "text": decoded}
-                    )
-                bar.update(len(batch))
-            bar.close()
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+            bar.update(len(batch))
+        bar.close()
     if not rows:
         raise ValueError(
             "Self-generation produced no non-empty response for `lwf_forget_prompts`; raise `lwf_max_new_tokens` "
