@@ -65,6 +65,24 @@ def eager_attention(model: torch.nn.Module):
             model.set_attn_implementation(current)
 
 
+@contextlib.contextmanager
+def without_input_require_grads(model: torch.nn.Module):
+    """Remove transformers' ``enable_input_require_grads`` hooks for the duration, then put them back.
+
+    Gradient checkpointing (Trainer, TRL's defaults) and PEFT install a forward hook that calls
+    ``requires_grad_()`` on the input embeddings; that call is illegal inside a ``torch.func`` transform.
+    Scoring differentiates with respect to the parameters only, so it does not need the hook.
+    """
+    owners = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
+    for owner in owners:
+        owner.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.enable_input_require_grads()
+
+
 def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict) -> torch.Tensor:
     """``a(x) = g_x . w`` for every sample of ``batch`` with one forward-mode (JVP) pass."""
     params = trainable_parameters(model)
@@ -75,7 +93,7 @@ def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], dir
     def losses(p: TensorDict) -> torch.Tensor:
         return sequence_losses(functional_call(model, p, args=(), kwargs=kwargs).logits, batch["labels"])
 
-    with eager_attention(model):
+    with eager_attention(model), without_input_require_grads(model):
         _, derivative = jvp(losses, (primals,), (tangents,))
     return derivative.detach().float()
 
