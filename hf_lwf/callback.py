@@ -35,6 +35,10 @@ logger = logging.get_logger(__name__)
 MODEL_TAGS = ["lwf", "hf-lwf"]
 
 
+class LWFUnlearningError(RuntimeError):
+    """An unlearning point could not run. LWF stops the run instead of silently continuing without forgetting."""
+
+
 class LWFCallback(TrainerCallback):
     """Adds Learning With Forgetting to a Trainer.
 
@@ -63,6 +67,8 @@ class LWFCallback(TrainerCallback):
         self._pad_id: int | None = None
         self._checked = False
         self._saved_step: int | None = None
+        self._step_lr: float | None = None
+        self._fisher_step: int | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_prompts(self) -> dict[str, list[str]]:
@@ -88,12 +94,26 @@ class LWFCallback(TrainerCallback):
         check_can_generate(model, tokenizer)
         encode_prompts(tokenizer, self.prompts, context_length(model), self.config.lwf_max_new_tokens)
         self._pad_id = tokenizer.pad_token_id
-        if args.max_steps > 0 and self.config.lwf_schedule == "periodic" and args.max_steps < self.config.lwf_unlearn_every:
-            logger.warning(
-                f"max_steps={args.max_steps} < lwf_unlearn_every={self.config.lwf_unlearn_every}: no unlearning "
-                "point will be reached."
-            )
         self._checked = True
+
+    def check_train_dataset(self, dataset) -> None:
+        """The empirical Fisher and the early schedule draw learning examples by index: they need a map-style set."""
+        if self.config.lwf_fisher != "empirical" and self.config.lwf_schedule != "early":
+            return
+        if dataset is not None and not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ValueError(
+                f"lwf_fisher={self.config.lwf_fisher!r} with lwf_schedule={self.config.lwf_schedule!r} draws learning "
+                f"examples by index, which a streaming/iterable train set ({type(dataset).__name__}) cannot give: use "
+                "a map-style dataset, or lwf_fisher='online' with lwf_schedule='periodic'."
+            )
+
+    def _warn_if_unreachable(self, state) -> None:
+        every = self.config.lwf_unlearn_every
+        if self.config.lwf_schedule == "periodic" and 0 < state.max_steps < every:
+            logger.warning(
+                f"This run has {state.max_steps} optimizer steps < lwf_unlearn_every={every}: no unlearning point "
+                "will be reached and nothing will be forgotten. Lower `lwf_unlearn_every` or train longer."
+            )
 
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._check(args, model, processing_class)
@@ -104,10 +124,16 @@ class LWFCallback(TrainerCallback):
         if not self._checked:
             self._check(args, model, processing_class)
         config = self.config
+        self.check_train_dataset(getattr(train_dataloader, "dataset", None))
+        self._warn_if_unreachable(state)
+        # Per-run transients: a second train() (hyperparameter search) must not inherit them.
+        self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
         if not self._restore(args, state, current):
             self.lwf_state, self.self_data, self._sampler = current, None, None
+        else:
+            self.lwf_state.place_like(fisher_lib.trainable_parameters(model))
         if self.self_data is None:
             self._build_self_data(args, model, processing_class)
         if not self.lwf_state.reference:
@@ -171,43 +197,47 @@ class LWFCallback(TrainerCallback):
         logger.info(f"LWF: generated D_self with {len(self.self_data)} samples {self.lwf_state.self_data_sizes}.")
 
     # ----------------------------------------------------------------------------------- learning steps
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online":
+    def update_fisher(self, model, step: int, grad_scale: float = 1.0) -> None:
+        """Fold this step's gradients (divided by ``grad_scale``, the fp16 loss scale) into the online Fisher.
+
+        ``LWFTrainer`` calls it before gradient clipping; the callback alone calls it from ``on_optimizer_step``,
+        after clipping (a callback sees no earlier gradients). Non-finite gradients (an fp16 overflow, whose
+        optimizer step is skipped too) contribute nothing.
+        """
+        if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online" or self._fisher_step == step:
             return
-        if getattr(optimizer, "step_was_skipped", False):
-            return
+        self._fisher_step = step
         grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
-        if not grads or not all(torch.isfinite(g).all() for g in grads.values()):
+        if not grads or not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
             return
+        if grad_scale != 1.0:
+            grads = {n: g / grad_scale for n, g in grads.items()}
         fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay)
         self.lwf_state.fisher_updates += 1
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
+        raw = getattr(optimizer, "optimizer", optimizer)
+        self._step_lr = raw.param_groups[0]["lr"] if raw is not None else args.learning_rate
+        if getattr(optimizer, "step_was_skipped", False):
+            self._fisher_step = state.global_step
+            return
+        self.update_fisher(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                     train_dataloader=None, **kwargs):
         every = self.config.lwf_unlearn_every
         if self.config.lwf_schedule != "periodic" or state.global_step == 0 or state.global_step % every:
             return
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-        weights = fisher_lib.snapshot(model)  # theta_now: the intended update's end point, and the fault backup
+        lr = self._step_lr if self._step_lr is not None else args.learning_rate
         try:
-            self._unlearning_point(args, state, model, optimizer, train_dataloader, lr, weights)
-        except (RuntimeError, ValueError) as err:
-            # An LWF fault never costs the learning run: restore the weights, count it, keep training.
-            self._restore_weights(model, weights)
-            self.lwf_state.failed_points += 1
-            self._metrics["lwf/failed_points"] = float(self.lwf_state.failed_points)
-            logger.error(f"LWF: unlearning point at step {state.global_step} failed and was skipped: {err!r}")
+            self._unlearning_point(args, state, model, optimizer, train_dataloader, lr)
+        except Exception as err:
+            raise LWFUnlearningError(_failure_message(state.global_step, err)) from err
         control.should_log = True
 
-    @staticmethod
-    @torch.no_grad()
-    def _restore_weights(model, weights) -> None:
-        model.zero_grad(set_to_none=True)
-        for name, param in fisher_lib.trainable_parameters(model).items():
-            param.copy_(weights[name])
-
     # ------------------------------------------------------------------------------- unlearning points
-    def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float, current) -> None:
+    def _unlearning_point(self, args, state, model, optimizer, train_dataloader, lr: float) -> None:
         config, lwf = self.config, self.lwf_state
         point = lwf.unlearn_points + 1
         rescore = config.lwf_rescore_every > 0 and (point - 1) % config.lwf_rescore_every == 0
@@ -217,7 +247,7 @@ class LWFCallback(TrainerCallback):
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
                 curvature, _ = fisher_lib.empirical_fisher(model, examples)
-            delta = fisher_lib.intended_update(current, lwf.reference)
+            delta = fisher_lib.intended_update(fisher_lib.trainable_parameters(model), lwf.reference)
             self._score_and_select(args, model, curvature, delta, lr, seed=config.lwf_seed + point)
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
@@ -276,24 +306,33 @@ class LWFCallback(TrainerCallback):
         start = time.perf_counter()
         if not lwf.forget_indices:
             lwf.empty_selections += 1
+            lwf.idle_points += 1
             logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
             self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
             return
         step_optimizer = self._unlearning_optimizer(args, model, optimizer)
         device = next(model.parameters()).device
-        losses, dropped = [], 0
+        loss_scale = _loss_scale(optimizer)
+        losses, dropped, applied = [], 0, 0
         for _ in range(steps):
             positions = self._sampler.next_batch(self.config.lwf_unlearn_batch_size)
             rows = [self.self_data[lwf.forget_indices[p]] for p in positions]
             batch = {k: v.to(device) for k, v in collate_self_data(rows, self._pad_id).items()}
             result = ascent_step(
                 model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
-                loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm,
+                loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
             )
             losses.append(result["forget_loss"])
             dropped += len(rows) - result["kept"]
             lwf.skipped_steps += result["skipped"]
-            lwf.unlearn_steps += 1 - result["skipped"]
+            applied += result["applied"]
+        lwf.unlearn_steps += applied
+        if not applied:
+            lwf.idle_points += 1
+            logger.warning(
+                f"LWF: none of the {steps} ascent steps of this unlearning point was applied (every sample already "
+                f"above lwf_forget_loss_cap={self.config.lwf_forget_loss_cap}, or non-finite losses/gradients)."
+            )
         lwf.sampler = self._sampler.state_dict()
         finite = [x for x in losses if math.isfinite(x)]
         self._metrics.update({
@@ -359,8 +398,25 @@ class LWFCallback(TrainerCallback):
         if not args.should_save or self._saved_step == step or not os.path.isdir(directory):
             return
         self.lwf_state.save(directory)
-        write_config(directory, self.config.lwf_dict())
+        write_config(directory, self.config.lwf_dict(), self.lwf_state.run_summary())
         self._saved_step = step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        lwf = self.lwf_state
+        if lwf.unlearn_steps and not lwf.idle_points:
+            return
+        reached = "no unlearning point was reached" if not lwf.unlearn_points else (
+            f"{lwf.idle_points} of {lwf.unlearn_points} unlearning points applied no ascent step "
+            f"({lwf.empty_selections} with an empty D_U, {lwf.skipped_steps} non-finite steps skipped)"
+        )
+        verdict = "NOTHING WAS FORGOTTEN: this run is plain fine-tuning" if not lwf.unlearn_steps else (
+            f"only {lwf.unlearn_steps} ascent steps were applied"
+        )
+        logger.warning(
+            f"\n{'!' * 100}\nLWF: {reached}; {verdict}. The model card and lwf_config.json record these counts.\n"
+            "Check lwf_unlearn_every against the number of steps, lwf_confidence_threshold / lwf_forget_ratio, and "
+            f"lwf_forget_loss_cap.\n{'!' * 100}"
+        )
 
     def on_save(self, args, state, control, **kwargs):
         self.save_state(args, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
@@ -371,7 +427,7 @@ class LWFCallback(TrainerCallback):
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
         if args.should_save:
-            write_config(args.output_dir, self.config.lwf_dict())
+            write_config(args.output_dir, self.config.lwf_dict(), self.lwf_state.run_summary())
         if not self.card_via_trainer:
             install_card_section(lwf_card_section(self))
 
@@ -385,6 +441,27 @@ def _quiet_datasets():
     finally:
         if enabled:
             datasets.enable_progress_bars()
+
+
+def _loss_scale(optimizer) -> float:
+    """The fp16 loss scale of the learning step (accelerate's GradScaler), or 1 under bf16/fp32."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def _failure_message(step: int, err: Exception) -> str:
+    hint = (
+        "Something in the model (a forward hook or custom op) is not compatible with the torch.func forward-mode "
+        "pass used for scoring; remove it from the model or report the model to hf_lwf."
+        if "functorch" in str(err) or "forward-mode" in str(err).lower()
+        else "Fix the cause, then resume from the last checkpoint with `trainer.train(resume_from_checkpoint=True)`."
+    )
+    return (
+        f"LWF: the unlearning point at step {step} failed with {type(err).__name__}: {err}\n{hint}\n"
+        "hf_lwf stops here rather than let training continue without forgetting while the run claims LWF."
+    )
 
 
 def _show_progress(args) -> bool:

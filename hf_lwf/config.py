@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -182,6 +183,10 @@ class LWFConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}")
+        for f in lwf_fields():
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f.name, "must be a finite number")
         if self.lwf_temperature < 0:
             fail("lwf_temperature", "must be >= 0 (0 means greedy)")
         if not 0 < self.lwf_top_p <= 1:
@@ -197,7 +202,8 @@ class LWFConfig:
             )
         if self.lwf_forget_ratio is not None and not 0 < self.lwf_forget_ratio <= 1:
             fail("lwf_forget_ratio", "must be in (0, 1]")
-        if self.lwf_forget_top_k is not None and self.lwf_forget_top_k < 1:
+        top_k = self.lwf_forget_top_k
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             fail("lwf_forget_top_k", "must be a positive integer")
         if self.lwf_unlearn_coef <= 0:
             fail("lwf_unlearn_coef", "must be > 0")

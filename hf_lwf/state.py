@@ -39,7 +39,7 @@ class LWFState:
     unlearn_steps: int = 0
     skipped_steps: int = 0
     empty_selections: int = 0
-    failed_points: int = 0
+    idle_points: int = 0
     scores: list[float] = field(default_factory=list)
     forget_indices: list[int] = field(default_factory=list)
     forget_sizes: dict[str, int] = field(default_factory=dict)
@@ -47,6 +47,29 @@ class LWFState:
     history: list[dict[str, float]] = field(default_factory=list)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def run_summary(self) -> dict[str, int]:
+        """What LWF actually did: the counts the model card and ``lwf_config.json`` report."""
+        return {
+            "unlearn_points": self.unlearn_points,
+            "idle_points": self.idle_points,
+            "unlearn_steps": self.unlearn_steps,
+            "skipped_steps": self.skipped_steps,
+            "empty_selections": self.empty_selections,
+            "forgotten_samples": len(self.forget_indices),
+            "fisher_updates": self.fisher_updates,
+        }
+
+    def place_like(self, parameters: dict[str, torch.Tensor]) -> None:
+        """Move every state tensor onto the device of the parameter it belongs to (after loading on CPU).
+
+        The dtype stays as saved: a fresh run keeps these tensors in fp32 whatever the parameters' dtype.
+        """
+        for group in _TENSOR_GROUPS:
+            tensors = getattr(self, group)
+            for name, tensor in tensors.items():
+                if name in parameters:
+                    tensors[name] = tensor.to(parameters[name].device)
 
     def scalars(self) -> dict[str, Any]:
         """The JSON part of the state."""
@@ -78,6 +101,7 @@ class LWFState:
             raise ValueError(f"{json_path} is not a valid hf_lwf state file: {err}") from None
         if not isinstance(data, dict) or data.pop("format_version", None) != FORMAT_VERSION:
             raise ValueError(f"{json_path} is not an hf_lwf state file of format version {FORMAT_VERSION}.")
+        data.pop("failed_points", None)  # hf_lwf 0.1.0 counted swallowed failures; a failure now stops the run
         known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TENSOR_GROUPS}
         unknown = set(data) - set(known)
         if unknown:
@@ -102,9 +126,13 @@ class LWFState:
         return state
 
 
-def write_config(directory: str, config: dict[str, Any]) -> str:
-    """Write ``lwf_config.json`` (the ``lwf_*`` values) into ``directory`` atomically; returns its path."""
-    return atomic_write_text(directory, CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+def write_config(directory: str, config: dict[str, Any], run: dict[str, int] | None = None) -> str:
+    """Write ``lwf_config.json`` into ``directory`` atomically; returns its path.
+
+    It holds the ``lwf_*`` values and, under ``lwf_run``, what LWF actually did (:meth:`LWFState.run_summary`).
+    """
+    data = {**config, "lwf_run": run} if run is not None else config
+    return atomic_write_text(directory, CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
 
 
 def atomic_write_text(directory: str, name: str, text: str) -> str:

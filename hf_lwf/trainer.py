@@ -1,10 +1,14 @@
-"""``LWFTrainer``: a ``Trainer`` with Learning With Forgetting built in.
+"""``LWFTrainerMixin`` and ``LWFTrainer``: Learning With Forgetting built into a Trainer class.
 
-It registers one :class:`~hf_lwf.LWFCallback` (which does all the work, so results equal callback-only use) and
-adds the conveniences only a subclass can give: ``lwf/*`` metrics through ``Trainer.log`` (so every
-``report_to`` integration receives them), the LWF state and ``lwf_config.json`` written with the model before
-any Hub upload, the exact checkpoint path on resume, the LWF model-card section on every card, and ``training_args.json`` in
-place of the pickled ``training_args.bin``.
+The mixin registers one :class:`~hf_lwf.LWFCallback` (which does all the work, so results equal callback-only
+use) and adds what only a subclass can give: ``lwf/*`` metrics through ``log`` (so every ``report_to``
+integration receives them), the online Fisher from the gradients *before* clipping, the LWF state and
+``lwf_config.json`` written with the model before any Hub upload, the exact checkpoint path on resume, the LWF
+section on every model card, ``training_args.json`` in place of the pickled ``training_args.bin``, and the
+train-set checks at construction. Put it first in the bases of any ``Trainer`` subclass, e.g. TRL's::
+
+    class LWFSFTTrainer(LWFTrainerMixin, SFTTrainer):
+        pass
 """
 
 from __future__ import annotations
@@ -18,20 +22,18 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
-from .modelcard import card_section, lwf_card_section
+from .modelcard import insert_card_section, lwf_card_section
 from .state import atomic_write_text, write_config
 
 
-class LWFTrainer(Trainer):
-    """A :class:`~transformers.Trainer` running Learning With Forgetting.
+class LWFTrainerMixin:
+    """Adds Learning With Forgetting to a :class:`~transformers.Trainer` subclass (list it first in the bases).
 
     Args:
         lwf_config: the LWF settings; by default they are read from ``args`` (an ``LWFTrainingArguments``).
-        *args, **kwargs: everything :class:`~transformers.Trainer` accepts. An ``LWFCallback`` already in
-            ``callbacks`` is used instead of a new one.
+        *args, **kwargs: everything the Trainer class accepts. An ``LWFCallback`` already in ``callbacks`` is
+            used instead of a new one.
     """
-
-    _tag_names = MODEL_TAGS
 
     def __init__(self, *args: Any, lwf_config: LWFConfig | None = None, **kwargs: Any):
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -46,7 +48,8 @@ class LWFTrainer(Trainer):
             callbacks.append(self.lwf_callback)
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+            self.model.add_model_tags(MODEL_TAGS)
+        self.lwf_callback.check_train_dataset(self.train_dataset)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -58,23 +61,32 @@ class LWFTrainer(Trainer):
         logs.update(self.lwf_callback.pop_metrics())
         super().log(logs, *args, **kwargs)
 
+    def _clip_grad_norm(self, model):
+        """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step, grad_scale=scale)
+        return super()._clip_grad_norm(model)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save or self.lwf_callback.config is None:
             return
-        write_config(output_dir, self.lwf_callback.config.lwf_dict())
+        write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())
         _replace_pickled_args(output_dir, self.args)
         if os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
             self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)
 
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
-        if self.lwf_callback.config is None:
-            return super().create_model_card(*args, tags=tags, **kwargs)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in self._tag_names if tag not in tags]
-        with card_section(lwf_card_section(self.lwf_callback)):
-            super().create_model_card(*args, tags=tags, **kwargs)
+        super().create_model_card(*args, tags=tags + [tag for tag in MODEL_TAGS if tag not in tags], **kwargs)
+        if self.lwf_callback.config is not None and self.is_world_process_zero():
+            insert_card_section(os.path.join(self.args.output_dir, "README.md"), lwf_card_section(self.lwf_callback))
+
+
+class LWFTrainer(LWFTrainerMixin, Trainer):
+    """A :class:`~transformers.Trainer` running Learning With Forgetting (:class:`LWFTrainerMixin` on ``Trainer``)."""
 
 
 def _replace_pickled_args(output_dir: str, args) -> None:

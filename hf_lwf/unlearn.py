@@ -98,13 +98,17 @@ def ascent_step(
     coef: float,
     loss_cap: float,
     max_grad_norm: float,
+    loss_scale: float = 1.0,
 ) -> dict[str, float]:
     """One bounded gradient-ascent step on ``batch`` (a collated D_U mini-batch, the same on every rank).
 
     Each rank computes its share of the samples; the loss is ``-coef`` times the mean loss of the samples
     still under ``loss_cap`` (the others are forgotten already and are dropped). Gradients are summed across
     ranks, clipped to ``max_grad_norm``, and the step is skipped, weights untouched, when the loss or the
-    gradient is not finite. Returns ``forget_loss`` (batch mean before the step), ``kept`` and ``skipped``.
+    gradient is not finite. ``loss_scale`` follows the learning step's fp16 handling: the loss is multiplied by
+    it before backward (small gradients do not underflow in half precision) and the gradients divided by it
+    after. Returns ``forget_loss`` (batch mean before the step), ``kept``, ``skipped`` (non-finite) and
+    ``applied`` (1 when the weights moved).
     """
     params = list(trainable_parameters(model).values())
     size = batch["input_ids"].shape[0]
@@ -122,16 +126,18 @@ def ascent_step(
         kept_losses = losses[keep]
     all_reduce_sum_([stats])
     loss_sum, kept, non_finite = stats.tolist()
-    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0}
+    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0, "applied": 0}
     if non_finite or kept == 0:
         result["skipped"] = int(bool(non_finite))
         model.zero_grad(set_to_none=True)
         return result
     if kept_losses is not None and kept_losses.numel():
-        (-coef * kept_losses.sum() / kept).backward()
+        (-coef * loss_scale * kept_losses.sum() / kept).backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        elif loss_scale != 1.0:
+            p.grad.div_(loss_scale)
     all_reduce_sum_([p.grad for p in params])
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if not torch.isfinite(norm):
@@ -140,5 +146,5 @@ def ascent_step(
         return result
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    result["grad_norm"] = float(norm)
+    result["grad_norm"], result["applied"] = float(norm), 1
     return result

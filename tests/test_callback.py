@@ -8,6 +8,7 @@ from conftest import FORGET_PROMPTS, learning_dataset, lm_collator, lwf_args, ti
 from transformers import Trainer, TrainingArguments
 
 from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
+from hf_lwf.callback import LWFUnlearningError
 from hf_lwf.confidence import batch_losses
 from hf_lwf.selfgen import collate_self_data
 
@@ -218,7 +219,7 @@ def test_gpt2_runs(tokenizer, tmp_path):
     assert trainer.lwf_callback.lwf_state.unlearn_points == 3
 
 
-def test_failing_unlearning_point_never_costs_the_learning_run(tokenizer, tmp_path, monkeypatch):
+def test_failing_unlearning_point_stops_the_run_with_the_cause(tokenizer, tmp_path, monkeypatch):
     import hf_lwf.callback as callback_module
 
     def broken(*args, **kwargs):
@@ -226,18 +227,16 @@ def test_failing_unlearning_point_never_costs_the_learning_run(tokenizer, tmp_pa
 
     monkeypatch.setattr(callback_module, "score_self_data", broken)
     trainer = _trainer(tokenizer, lwf_args(tmp_path))
-    vanilla = _trainer(tokenizer, lwf_args(tmp_path / "vanilla", lwf_unlearn_every=1000))
-    trainer.train()
-    vanilla.train()
-    assert trainer.state.global_step == 6 and trainer.lwf_callback.lwf_state.failed_points == 3
-    torch.testing.assert_close(_flat(trainer.model), _flat(vanilla.model))
-    assert any(h.get("lwf/failed_points") == 3 for h in trainer.state.log_history)
+    with pytest.raises(LWFUnlearningError, match="step 2 failed with RuntimeError: scoring exploded") as info:
+        trainer.train()
+    assert "resume_from_checkpoint" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    assert trainer.state.global_step == 2
 
 
 def test_bf16_mixed_precision_runs_and_stays_finite(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, lwf_args(tmp_path, bf16=True))
     trainer.train()
     state = trainer.lwf_callback.lwf_state
-    assert state.unlearn_steps == 6 and state.failed_points == 0
+    assert state.unlearn_steps == 6 and state.idle_points == 0
     assert all(torch.isfinite(torch.tensor(state.scores)))
     assert torch.isfinite(_flat(trainer.model)).all()

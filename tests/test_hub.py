@@ -88,7 +88,10 @@ def test_push_to_hub_uploads_weights_config_and_card_without_pickles(tokenizer, 
     assert "- lwf" in header and "- hf-lwf" in header
     assert "## Learning With Forgetting" in card and "arxiv.org/abs/2505.19715" in card
     assert f"| forget | {state.self_data_sizes['forget']} | {state.forget_sizes['forget']} |" in card
-    assert "every 2 optimizer steps" in card and f"Unlearning points run: {state.unlearn_points}" in card
+    assert "every 2 optimizer steps" in card
+    assert f"What actually ran: {state.unlearn_points} unlearning point(s), 0 of them without" in card
+    assert f"{state.unlearn_steps} ascent step(s) applied" in card and state.unlearn_steps == 6
+    assert config["lwf_run"] == state.run_summary()
     assert "Forgetting confidence over D_self (deviation)" in card
     assert card.count("## Learning With Forgetting") == 1
 

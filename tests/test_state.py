@@ -26,7 +26,7 @@ def _full_state():
         unlearn_steps=4,
         skipped_steps=1,
         empty_selections=0,
-        failed_points=1,
+        idle_points=1,
         scores=[0.125, -3.5e-7, 1e30, 0.0],
         forget_indices=[0, 3, 7],
         forget_sizes={"dental": 2, "psych": 1},
