@@ -1,5 +1,6 @@
 """LWFCallback wired into a real Trainer: schedule, parity with LWFTrainer, accumulation, faults."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,8 @@ from transformers import Trainer, TrainingArguments
 
 from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
 from hf_lwf.callback import LWFUnlearningError
+from hf_lwf.config import config_from_args
+from hf_lwf.state import LWFState
 from hf_lwf.confidence import batch_losses
 from hf_lwf.selfgen import collate_self_data
 
@@ -240,3 +243,110 @@ def test_bf16_mixed_precision_runs_and_stays_finite(tokenizer, tmp_path):
     assert state.unlearn_steps == 6 and state.idle_points == 0
     assert all(torch.isfinite(torch.tensor(state.scores)))
     assert torch.isfinite(_flat(trainer.model)).all()
+
+
+def _forget_steps(trainer):
+    return [h["step"] for h in trainer.state.log_history if h.get("lwf/forget_loss") is not None]
+
+
+@pytest.mark.parametrize("mode", ["alignment", "deviation"])
+@pytest.mark.parametrize("use_callback", [False, True], ids=["LWFTrainer", "callback"])
+def test_unlearning_runs_under_gradient_checkpointing(tokenizer, tmp_path, mode, use_callback):
+    args = lwf_args(tmp_path, gradient_checkpointing=True, lwf_confidence=mode)
+    if use_callback:
+        trainer = _trainer(tokenizer, args, cls=Trainer, callbacks=[LWFCallback()])
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LWFCallback))
+    else:
+        trainer = _trainer(tokenizer, args)
+        callback = trainer.lwf_callback
+    trainer.train()
+    state = callback.lwf_state
+    assert _forget_steps(trainer) == [2, 4, 6]
+    assert state.unlearn_points == 3 and state.unlearn_steps == 6 and state.idle_points == 0 and state.forget_indices
+    # The setup that broke scoring is in place, and the hooks lifted for scoring are back.
+    assert trainer.model.is_gradient_checkpointing and trainer.model._require_grads_hooks
+
+
+def test_eta_is_the_rate_of_the_step_that_produced_d(tokenizer, tmp_path, monkeypatch):
+    """A point at the last step of a linear schedule: the scheduler's next rate is 0, the step's rate is not."""
+    import hf_lwf.callback as callback_module
+
+    seen = []
+    real = callback_module.score_self_data
+    monkeypatch.setattr(callback_module, "score_self_data",
+                        lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, max_steps=4, lwf_unlearn_every=4, lr_scheduler_type="linear"))
+    trainer.train()
+    assert seen == [pytest.approx(1e-3 * 1 / 4)]
+    state = trainer.lwf_callback.lwf_state
+    assert any(s != 0 for s in state.scores) and state.forget_indices and state.unlearn_steps == 2
+
+
+def test_second_train_does_not_write_the_previous_runs_state(tokenizer, tmp_path):
+    callback = LWFCallback(config_from_args(lwf_args(tmp_path)))
+    args = lwf_args(tmp_path / "out", max_steps=4, save_strategy="steps", save_steps=4)
+    first = _trainer(tokenizer, args, model=tiny_llama(len(tokenizer), seed=1), cls=Trainer, callbacks=[callback])
+    first.train()
+    first_fisher = {n: t.clone() for n, t in callback.lwf_state.fisher.items()}
+    second = _trainer(tokenizer, args, model=tiny_llama(len(tokenizer), seed=2), cls=Trainer, callbacks=[callback])
+    second.train()
+    saved = LWFState.load(str(tmp_path / "out" / "checkpoint-4"))
+    name = next(iter(first_fisher))
+    assert not torch.equal(first_fisher[name], callback.lwf_state.fisher[name])
+    for n, tensor in callback.lwf_state.fisher.items():
+        assert torch.equal(saved.fisher[n], tensor), n
+    assert saved.history == callback.lwf_state.history
+
+
+def test_lwf_trainer_builds_the_online_fisher_before_clipping(tokenizer, tmp_path):
+    def fisher(max_grad_norm, cls=LWFTrainer):
+        args = lwf_args(tmp_path / f"{cls.__name__}{max_grad_norm}", max_steps=1, lwf_unlearn_every=100,
+                        max_grad_norm=max_grad_norm)
+        kwargs = {"callbacks": [LWFCallback()]} if cls is Trainer else {}
+        trainer = _trainer(tokenizer, args, cls=cls, **kwargs)
+        trainer.train()
+        callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LWFCallback))
+        return torch.cat([f.reshape(-1) for _, f in sorted(callback.lwf_state.fisher.items())])
+
+    unclipped = fisher(0.0)
+    torch.testing.assert_close(fisher(1e-3), unclipped)  # LWFTrainer: the gradients before clipping
+    callback_only = fisher(1e-3, cls=Trainer)  # a callback sees them only after clipping (documented)
+    assert float(callback_only.sum()) < 1e-3 * float(unclipped.sum())
+
+
+def test_no_unlearning_step_is_said_loudly_and_on_the_card(tokenizer, tmp_path, caplog):
+    trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_confidence_threshold=1e9, save_strategy="steps",
+                                           save_steps=6))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    assert state.unlearn_points == 3 and state.idle_points == 3 and state.empty_selections == 3
+    assert state.unlearn_steps == 0
+    assert "NOTHING WAS FORGOTTEN" in caplog.text and "3 of 3 unlearning points applied no ascent step" in caplog.text
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "**no unlearning step was applied**" in card and "it unlearned" not in card
+    run = json.loads((tmp_path / "checkpoint-6" / "lwf_config.json").read_text())["lwf_run"]
+    assert run["unlearn_steps"] == 0 and run["idle_points"] == 3
+
+
+def test_a_run_that_reaches_no_point_warns_before_training(tokenizer, tmp_path, caplog):
+    args = lwf_args(tmp_path, max_steps=-1, num_train_epochs=1, lwf_unlearn_every=100)
+    trainer = _trainer(tokenizer, args)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "8 optimizer steps < lwf_unlearn_every=100" in caplog.text
+    assert "NOTHING WAS FORGOTTEN" in caplog.text and "no unlearning point was reached" in caplog.text
+
+
+@pytest.mark.parametrize("overrides", [{"lwf_fisher": "empirical"}, {"lwf_schedule": "early"}])
+def test_iterable_train_set_with_index_based_fisher_fails_at_construction(tokenizer, tmp_path, overrides):
+    iterable = learning_dataset(tokenizer).to_iterable_dataset()
+    with pytest.raises(ValueError, match="streaming/iterable train set"):
+        LWFTrainer(model=tiny_llama(len(tokenizer)), args=lwf_args(tmp_path, **overrides), train_dataset=iterable,
+                   processing_class=tokenizer, data_collator=lm_collator(tokenizer))
+    plain = Trainer(model=tiny_llama(len(tokenizer)), args=lwf_args(tmp_path, **overrides), train_dataset=iterable,
+                    processing_class=tokenizer, data_collator=lm_collator(tokenizer), callbacks=[LWFCallback()])
+    with pytest.raises(ValueError, match="streaming/iterable train set"):
+        plain.train()  # a callback first sees the train set when training starts: before any step
+    assert plain.state.global_step == 0

@@ -278,3 +278,31 @@ def test_pickle_file_in_place_of_safetensors_is_rejected(tmp_path):
     with open(_tensor_path(directory), "wb") as handle:
         pickle.dump({"fisher/w": [1.0]}, handle)
     assert _tensor_path(directory) in _load_error(directory)
+
+
+def test_place_like_moves_every_state_tensor_to_its_parameters_device(tmp_path):
+    loaded = LWFState.load(_saved(tmp_path))
+    names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    parameters = {name: torch.empty(1, device="meta") for name in names}
+    loaded.place_like(parameters)
+    for group in ("fisher", "reference"):
+        for name in names:
+            assert getattr(loaded, group)[name].device.type == "meta"
+    assert loaded.reference["scalar"].device.type == "cpu"  # no parameter of that name: left alone
+    assert loaded.reference["lm_head.weight"].dtype == torch.bfloat16  # dtype as saved
+
+
+def test_legacy_failed_points_field_is_accepted(tmp_path):
+    directory = _saved(tmp_path)
+    path = os.path.join(directory, STATE_JSON)
+    data = json.loads(open(path).read())
+    data["failed_points"] = 2
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+    assert LWFState.load(directory).scalars() == _full_state().scalars()
+
+
+def test_run_summary_counts_what_ran():
+    summary = _full_state().run_summary()
+    assert summary == {"unlearn_points": 2, "idle_points": 1, "unlearn_steps": 4, "skipped_steps": 1,
+                       "empty_selections": 0, "forgotten_samples": 3, "fisher_updates": 17}

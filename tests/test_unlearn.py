@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import FORGET_PROMPTS
+from conftest import FORGET_PROMPTS, tiny_llama
 
 from hf_lwf.confidence import batch_losses
 from hf_lwf.selfgen import collate_self_data, encode_prompt
@@ -235,7 +235,7 @@ def test_all_samples_above_the_cap_leaves_weights_unchanged(llama, tokenizer):
     batch = _batch(tokenizer)
     start = _weights(llama)
     result = _step(llama, batch, loss_cap=1e-3)
-    assert result["kept"] == 0 and result["skipped"] == 0 and "grad_norm" not in result
+    assert result["kept"] == 0 and result["skipped"] == 0 and result["applied"] == 0 and "grad_norm" not in result
     assert all(torch.equal(p, start[n]) for n, p in llama.named_parameters())
     assert all(p.grad is None for p in llama.parameters())
 
@@ -310,3 +310,43 @@ def test_non_finite_scores_are_never_selected(selection):
     scores = torch.tensor([0.5, float("nan"), -0.2, float("inf"), 0.1, float("-inf")])
     chosen = select_forget_set(scores, ["t"] * 6, ("ratio", 1.0), threshold=-1.0, selection=selection, seed=3)
     assert chosen and not set(chosen) & {1, 3, 5}
+
+
+def test_ascent_loss_scale_is_exact_in_fp32(tokenizer):
+    batch = _batch(tokenizer)
+    plain, scaled = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
+    _step(plain, batch)
+    result = _step(scaled, batch, loss_scale=1024.0)
+    assert result["applied"] == 1
+    for (name, p), q in zip(plain.named_parameters(), scaled.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fp16_ascent_needs_the_loss_scale_to_move_small_gradients(tokenizer):
+    """Under fp16 autocast a small ascent loss underflows to zero gradients unless it is scaled like the learning step."""
+    batch = _batch(tokenizer)
+
+    def update(loss_scale, amp):
+        model = tiny_llama(len(tokenizer))
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            _step(model, batch, lr=1.0, coef=1e-6, loss_scale=loss_scale)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+
+    reference = update(1.0, amp=False)
+
+    def error(update_):
+        return float((update_ - reference).norm() / reference.norm())
+
+    assert error(update(1.0, amp=True)) > 0.5  # the failure the scale prevents: most of the update underflows
+    assert error(update(2.0**16, amp=True)) < 0.05
+
+
+def test_loss_scale_is_read_from_the_learning_optimizer():
+    from types import SimpleNamespace
+
+    from hf_lwf.callback import _loss_scale
+
+    assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))) == 1024.0
+    assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))) == 1.0
+    assert _loss_scale(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == 1.0
