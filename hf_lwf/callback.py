@@ -84,10 +84,11 @@ class LWFCallback(TrainerCallback):
                 )
             self.config = config_from_args(args)
             self.prompts = self._load_prompts()
-        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        engine = _sharded_engine(args)
+        if engine is not None:
             raise ValueError(
-                "hf_lwf does not support DeepSpeed yet: DeepSpeed steps the optimizer inside backward, before "
-                "any callback sees the gradients. Use DDP (torchrun) or a single process."
+                f"hf_lwf does not support {engine} yet: {_UNSUPPORTED[engine]} What works today: a single process "
+                "or DDP (`torchrun`, `accelerate launch --multi_gpu`), with PEFT and bf16/fp16 mixed precision."
             )
         if model is None:
             return
@@ -159,10 +160,13 @@ class LWFCallback(TrainerCallback):
             saved.config, saved.config_hash = current.config, current.config_hash
         self.lwf_state = saved
         if saved.generation_hash == current.generation_hash and saved.self_data_path:
-            path = os.path.join(args.output_dir, saved.self_data_path)
-            if not os.path.isdir(path):
+            # The checkpoint's own copy first: it resumes on a node that has only the checkpoint folder.
+            candidates = [os.path.join(directory, saved.self_data_path), os.path.join(args.output_dir, saved.self_data_path)]
+            path = next((c for c in candidates if os.path.isdir(c)), None)
+            if path is None:
                 raise FileNotFoundError(
-                    f"The checkpoint refers to D_self at {path}, which is missing; restore that folder to resume."
+                    f"The checkpoint refers to D_self, which is in neither {candidates[0]} nor {candidates[1]}; "
+                    "restore one of them to resume."
                 )
             self.self_data = Dataset.load_from_disk(path)
         else:
@@ -394,9 +398,12 @@ class LWFCallback(TrainerCallback):
                 state.log_history[-1].update(metrics)
 
     def save_state(self, args, directory: str, step: int) -> None:
-        """Write the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only)."""
+        """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only)."""
         if not args.should_save or self._saved_step == step or not os.path.isdir(directory):
             return
+        if self.self_data is not None:  # a copy per checkpoint: the folder alone is enough to resume (multi-node)
+            with _quiet_datasets():
+                self.self_data.save_to_disk(os.path.join(directory, SELF_DATA_DIR))
         self.lwf_state.save(directory)
         write_config(directory, self.config.lwf_dict(), self.lwf_state.run_summary())
         self._saved_step = step
@@ -441,6 +448,25 @@ def _quiet_datasets():
     finally:
         if enabled:
             datasets.enable_progress_bars()
+
+
+_UNSUPPORTED = {
+    "DeepSpeed": "DeepSpeed steps the optimizer inside backward, before any callback or Trainer hook sees the "
+    "gradients, and under ZeRO the gradients and parameters LWF reads are partitioned.",
+    "FSDP": "LWF keeps full-size Fisher and reference copies and scores with a forward-mode pass over the full "
+    "parameters, which sharded (DTensor) parameters do not provide; it has not been validated under FSDP.",
+}
+
+
+def _sharded_engine(args) -> str | None:
+    """The sharded training engine ``args`` (or the accelerate launcher) selects, if any."""
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        return "DeepSpeed"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    return None
 
 
 def _loss_scale(optimizer) -> float:

@@ -350,3 +350,22 @@ def test_iterable_train_set_with_index_based_fisher_fails_at_construction(tokeni
     with pytest.raises(ValueError, match="streaming/iterable train set"):
         plain.train()  # a callback first sees the train set when training starts: before any step
     assert plain.state.global_step == 0
+
+
+@pytest.mark.parametrize("engine,args,env", [
+    ("DeepSpeed", {"deepspeed": "ds_config.json"}, {}),
+    ("DeepSpeed", {}, {"ACCELERATE_USE_DEEPSPEED": "true"}),
+    ("FSDP", {"fsdp": True}, {}),
+    ("FSDP", {}, {"ACCELERATE_USE_FSDP": "true"}),
+])
+def test_sharded_engines_are_refused_naming_what_works(monkeypatch, engine, args, env):
+    from types import SimpleNamespace
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
+    with pytest.raises(ValueError, match=f"does not support {engine} yet") as info:
+        callback._check(SimpleNamespace(**args), None, None)
+    assert "DDP" in str(info.value) and "torchrun" in str(info.value)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -24,3 +26,45 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
     assert ranks[0]["scores"] == ranks[1]["scores"] and len(ranks[0]["scores"]) > 1
     assert ranks[0]["forget_indices"] == ranks[1]["forget_indices"]
     assert ranks[0]["unlearn_steps"] == ranks[1]["unlearn_steps"] == 4
+
+
+MULTINODE = os.path.join(os.path.dirname(__file__), "scripts", "multinode_train.py")
+
+
+def _two_nodes(base, phase):
+    """Two torchrun "nodes" on this machine (one process each), rendezvous on a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             MULTINODE, str(base), phase],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for rank in range(2)
+    ]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        if node.returncode != 0:
+            pytest.fail(f"node failed in phase {phase}:\n{output[-4000:]}")
+
+
+def test_two_nodes_without_shared_storage_resume_exactly(tmp_path):
+    """Node 1 gets only the checkpoint folder (as a user syncs it), never the main node's output folder."""
+    _two_nodes(tmp_path / "full", "full")
+    _two_nodes(tmp_path / "split", "crash")
+    main, other = tmp_path / "split" / "node0", tmp_path / "split" / "node1"
+    assert not (other / "_lwf_self_data").exists()
+    shutil.copytree(main / "checkpoint-4", other / "checkpoint-4", dirs_exist_ok=True)
+    _two_nodes(tmp_path / "split", "resume")
+    full = [json.loads((tmp_path / "full" / n / "result.json").read_text()) for n in ("node0", "node1")]
+    resumed = [json.loads((tmp_path / "split" / n / "result.json").read_text()) for n in ("node0", "node1")]
+    assert full[0]["world_size"] == 2 and full[0]["unlearn_steps"] == 4
+    assert full[0]["checksum"] == full[1]["checksum"]
+    for node in range(2):
+        assert resumed[node]["checksum"] == pytest.approx(full[node]["checksum"], rel=1e-6)
+        assert resumed[node]["history"] == full[node]["history"]
+        assert resumed[node]["forget_indices"] == full[node]["forget_indices"]
