@@ -95,6 +95,8 @@ class LWFCallback(TrainerCallback):
         check_can_generate(model, tokenizer)
         encode_prompts(tokenizer, self.prompts, context_length(model), self.config.lwf_max_new_tokens)
         self._pad_id = tokenizer.pad_token_id
+        if args.max_steps > 0:
+            self._warn_if_unreachable(args.max_steps)
         self._checked = True
 
     def check_train_dataset(self, dataset) -> None:
@@ -108,11 +110,11 @@ class LWFCallback(TrainerCallback):
                 "a map-style dataset, or lwf_fisher='online' with lwf_schedule='periodic'."
             )
 
-    def _warn_if_unreachable(self, state) -> None:
+    def _warn_if_unreachable(self, max_steps: int) -> None:
         every = self.config.lwf_unlearn_every
-        if self.config.lwf_schedule == "periodic" and 0 < state.max_steps < every:
+        if self.config.lwf_schedule == "periodic" and 0 < max_steps < every:
             logger.warning(
-                f"This run has {state.max_steps} optimizer steps < lwf_unlearn_every={every}: no unlearning point "
+                f"This run has {max_steps} optimizer steps < lwf_unlearn_every={every}: no unlearning point "
                 "will be reached and nothing will be forgotten. Lower `lwf_unlearn_every` or train longer."
             )
 
@@ -126,7 +128,8 @@ class LWFCallback(TrainerCallback):
             self._check(args, model, processing_class)
         config = self.config
         self.check_train_dataset(getattr(train_dataloader, "dataset", None))
-        self._warn_if_unreachable(state)
+        if args.max_steps <= 0:  # epoch-based: the number of steps is known now (max_steps was checked at init)
+            self._warn_if_unreachable(state.max_steps)
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),

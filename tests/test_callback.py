@@ -369,3 +369,9 @@ def test_sharded_engines_are_refused_naming_what_works(monkeypatch, engine, args
     with pytest.raises(ValueError, match=f"does not support {engine} yet") as info:
         callback._check(SimpleNamespace(**args), None, None)
     assert "DDP" in str(info.value) and "torchrun" in str(info.value)
+
+
+def test_max_steps_below_the_interval_warns_at_construction(tokenizer, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        _trainer(tokenizer, lwf_args(tmp_path, max_steps=3, lwf_unlearn_every=5))
+    assert "3 optimizer steps < lwf_unlearn_every=5" in caplog.text
