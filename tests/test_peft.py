@@ -200,3 +200,41 @@ def test_adapter_push_carries_lwf_config_state_and_card(tokenizer, tmp_path, fak
     assert "- lwf" in header and "- hf-lwf" in header
     assert card.count("## Learning With Forgetting") == 1
     assert f"{state.unlearn_steps} ascent step(s) applied" in card and state.unlearn_steps == 6
+
+
+def _input_grad_hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_scoring_leaves_the_input_require_grads_hooks_as_it_found_them(tokenizer):
+    """TRL and PEFT call ``enable_input_require_grads`` twice (two hooks, only the last remembered); scoring must
+    lift both for the forward-mode pass and put back exactly those, round after round."""
+    from hf_lwf.confidence import alignment_scores, without_input_require_grads
+    from hf_lwf.selfgen import collate_self_data
+
+    model = lora_llama(tokenizer)
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()
+    hooks = {id(m): dict(m._forward_hooks) for m in model.modules() if m._forward_hooks}
+    assert _input_grad_hooks(model) == 2
+    ids = tokenizer("How often should you visit the dentist? Twice a year.")["input_ids"]
+    batch = collate_self_data([{"prompt_ids": ids[:5], "response_ids": ids[5:]}], tokenizer.pad_token_id)
+    direction = {n: torch.ones_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        with without_input_require_grads(model):
+            assert _input_grad_hooks(model) == 0
+            assert torch.isfinite(alignment_scores(model, batch, direction)).all()
+        assert {id(m): dict(m._forward_hooks) for m in model.modules() if m._forward_hooks} == hooks
+
+
+def test_lora_rescoring_under_activation_checkpointing(tokenizer, tmp_path):
+    args = lwf_args(tmp_path, activation_checkpointing=True, lwf_rescore_every=1, max_steps=6)
+    trainer = make_trainer(tokenizer, args, "trainer")
+    trainer.train()
+    assert lwf_steps(trainer, "lwf/num_selected") == [2, 4, 6]  # scored at every point
+    assert trainer.lwf_callback.lwf_state.unlearn_steps == 6
+    assert _input_grad_hooks(trainer.model) == 1
+
+
+def lwf_steps(trainer, key="lwf/forget_loss"):
+    return [h["step"] for h in trainer.state.log_history if key in h]
