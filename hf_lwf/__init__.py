@@ -3,9 +3,11 @@
 from .callback import LWFCallback
 from .config import LWFConfig, LWFTrainingArguments
 from .state import LWFState
-from .trainer import LWFTrainer
+from .trainer import LWFTrainer, LWFTrainerMixin
 
 
 __version__ = "0.1.0"
 
-__all__ = ["LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainingArguments", "__version__"]
+__all__ = [
+    "LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments", "__version__",
+]

@@ -65,22 +65,40 @@ def eager_attention(model: torch.nn.Module):
             model.set_attn_implementation(current)
 
 
+# transformers' ``enable_input_require_grads`` hook and PEFT's fallback for models without that method.
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
 @contextlib.contextmanager
 def without_input_require_grads(model: torch.nn.Module):
-    """Remove transformers' ``enable_input_require_grads`` hooks for the duration, then put them back.
+    """Lift the forward hooks that make the input embeddings require grad for the duration, then put them back.
 
     Gradient checkpointing (Trainer, TRL's defaults) and PEFT install a forward hook that calls
     ``requires_grad_()`` on the input embeddings; that call is illegal inside a ``torch.func`` transform.
     Scoring differentiates with respect to the parameters only, so it does not need the hook.
+
+    Every such hook is lifted, not only the last set that ``_require_grads_hooks`` remembers: TRL and PEFT call
+    ``enable_input_require_grads`` more than once, and each call adds hooks without removing the earlier ones.
+    The same hook objects go back in their places, so nothing is added or lost across scoring rounds.
     """
-    owners = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
-    for owner in owners:
-        owner.disable_input_require_grads()
+    known = {h.id for m in model.modules() for h in (m.__dict__.get("_require_grads_hooks") or ())}
+    lifted = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        ids = [i for i, fn in hooks.items() if i in known or getattr(fn, "__name__", None) in _INPUT_GRAD_HOOKS]
+        if ids:
+            lifted.append((module, list(hooks.items()), set(ids)))
+            for i in ids:
+                del hooks[i]
     try:
         yield
     finally:
-        for owner in owners:
-            owner.enable_input_require_grads()
+        for module, before, ids in lifted:
+            hooks = module._forward_hooks
+            after = dict(hooks)
+            hooks.clear()
+            hooks.update((i, fn) for i, fn in before if i in ids or i in after)
+            hooks.update((i, fn) for i, fn in after.items() if i not in hooks)
 
 
 def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict) -> torch.Tensor:
