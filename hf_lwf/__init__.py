@@ -1,6 +1,6 @@
 """hf_lwf: Learning With Forgetting ("Graceful Forgetting in Generative Language Models") for the HF Trainer."""
 
-from .callback import LWFCallback
+from .callback import LWFCallback, LWFUnlearningError
 from .config import LWFConfig, LWFTrainingArguments
 from .state import LWFState
 from .trainer import LWFTrainer, LWFTrainerMixin
@@ -9,5 +9,6 @@ from .trainer import LWFTrainer, LWFTrainerMixin
 __version__ = "0.1.0"
 
 __all__ = [
-    "LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments", "__version__",
+    "LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments", "LWFUnlearningError",
+    "__version__",
 ]

@@ -69,6 +69,7 @@ class LWFCallback(TrainerCallback):
         self._saved_step: int | None = None
         self._step_lr: float | None = None
         self._fisher_step: int | None = None
+        self.is_adapter = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_prompts(self) -> dict[str, list[str]]:
@@ -130,6 +131,7 @@ class LWFCallback(TrainerCallback):
         self.check_train_dataset(getattr(train_dataloader, "dataset", None))
         if args.max_steps <= 0:  # epoch-based: the number of steps is known now (max_steps was checked at init)
             self._warn_if_unreachable(state.max_steps)
+        self.is_adapter = hasattr(model, "peft_config")  # PEFT: only the adapter is saved and pushed
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),

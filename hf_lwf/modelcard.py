@@ -79,7 +79,9 @@ def lwf_card_section(callback: LWFCallback) -> str:
         lines += [f"- *{task}*: {text}" for task, text in examples]
     lines += [
         "",
-        "All `lwf_*` settings are in `lwf_config.json`. Loading this model needs only `transformers`.",
+        "All `lwf_*` settings are in `lwf_config.json`. "
+        + ("Loading this adapter needs `transformers` and `peft`." if callback.is_adapter
+           else "Loading this model needs only `transformers`."),
         "",
         "```bibtex",
         CITATION,

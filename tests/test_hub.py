@@ -93,7 +93,7 @@ def test_push_to_hub_uploads_weights_config_and_card_without_pickles(tokenizer, 
     assert f"{state.unlearn_steps} ascent step(s) applied" in card and state.unlearn_steps == 6
     assert config["lwf_run"] == state.run_summary()
     assert "Forgetting confidence over D_self (deviation)" in card
-    assert card.count("## Learning With Forgetting") == 1
+    assert card.count("## Learning With Forgetting") == 1 and "Loading this model needs only `transformers`" in card
 
 
 def test_checkpoint_push_includes_lwf_state(tokenizer, tmp_path, fake_hub):

@@ -198,7 +198,7 @@ def test_adapter_push_carries_lwf_config_state_and_card(tokenizer, tmp_path, fak
     card = (final["snapshot"] / "README.md").read_text()
     header = card.split("---")[1]
     assert "- lwf" in header and "- hf-lwf" in header
-    assert card.count("## Learning With Forgetting") == 1
+    assert card.count("## Learning With Forgetting") == 1 and "Loading this adapter needs `transformers` and `peft`" in card
     assert f"{state.unlearn_steps} ascent step(s) applied" in card and state.unlearn_steps == 6
 
 
