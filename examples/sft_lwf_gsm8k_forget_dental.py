@@ -63,8 +63,10 @@ class ScriptArguments:
                   "next to the repository)."},
     )
     forget_file: str = field(
-        default="dental/validation.jsonl",
-        metadata={"help": "Forgetting prompts, relative to data_dir (MedMCQA schema: question, options)."},
+        default="dental/test_unlabeled.jsonl",
+        metadata={"help": "Forgetting prompts, relative to data_dir (MedMCQA schema: question, options). Only the "
+                  "questions are used (the model answers them itself), so the unlabeled split serves and the "
+                  "labelled validation split stays free for measuring the forgetting task."},
     )
     num_train_samples: int = field(default=512, metadata={"help": "GSM8K training conversations used (seeded)."})
     num_forget_prompts: int = field(default=32, metadata={"help": "Dental questions used as forgetting prompts."})

@@ -45,9 +45,9 @@ def tiny_setup(tmp_path):
         {"id": f"g{i}", "question": f"Tom has {i} apples and buys 2 more. How many apples does Tom have?",
          "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "final_answer": str(i + 2)} for i in range(8)
     ])
-    _write_jsonl(data / "dental" / "validation.jsonl", [
-        {"id": f"d{i}", "question": question, "options": ["Enamel", "Dentin", "Pulp", "Cementum"], "answer": i % 4,
-         "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"}
+    _write_jsonl(data / "dental" / "test_unlabeled.jsonl", [
+        {"id": f"d{i}", "question": question, "options": ["Enamel", "Dentin", "Pulp", "Cementum"], "answer": None,
+         "answer_letter": None, "subject": "Dental", "source": "test"}
         for i, question in enumerate(["Hardest tissue of the tooth?", "How often should you visit the dentist?",
                                       "Why do we brush teeth?", "What covers the root?"])
     ])
