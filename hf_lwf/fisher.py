@@ -48,6 +48,13 @@ def online_fisher_update_(fisher: TensorDict, grads: TensorDict, decay: float) -
     return True
 
 
+def bias_correction(num_updates: int, decay: float) -> float:
+    """``1 / (1 - decay**t)``: the factor that un-shrinks an online Fisher after ``t`` updates."""
+    if num_updates < 1:
+        raise ValueError("The online Fisher has no update yet: unlearning needs at least one learning step.")
+    return 1.0 / (1.0 - decay**num_updates)
+
+
 def bias_corrected(fisher: TensorDict, num_updates: int, decay: float) -> TensorDict:
     """The online Fisher divided by ``1 - decay**t``, so that early estimates are not shrunk towards zero."""
     if num_updates < 1:
@@ -79,10 +86,12 @@ def empirical_fisher(
     loss_fn: Callable | None = None,
     batch_size: int = 16,
     chunk_elements: int | None = None,
-) -> tuple[TensorDict, TensorDict]:
+    with_mean: bool = True,
+) -> tuple[TensorDict, TensorDict | None]:
     """Mean of squared per-sample gradients, and the mean gradient, over ``examples`` (split across ranks).
 
-    Each example is a model-ready batch of size one. Returns ``(F, mean_gradient)``. Causal-LM examples
+    Each example is a model-ready batch of size one. Returns ``(F, mean_gradient)`` (``mean_gradient`` is None
+    when ``with_mean`` is False, which saves a parameter-sized buffer). Causal-LM examples
     (``input_ids``, ``attention_mask``, ``labels`` only, no custom ``loss_fn``) are right-padded into batches of
     ``batch_size`` and their per-sample gradients come from one forward+backward per batch
     (:mod:`hf_lwf.persample`); anything else takes one backward per example (:func:`empirical_fisher_reference`).
@@ -91,12 +100,13 @@ def empirical_fisher(
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
     if loss_fn is not None or any(set(e) - _BATCHABLE_KEYS or "labels" not in e or e["input_ids"].shape[0] != 1
                                   for e in examples):
-        return empirical_fisher_reference(model, examples, loss_fn)
+        fisher, mean = empirical_fisher_reference(model, examples, loss_fn)
+        return fisher, (mean if with_mean else None)
     from .confidence import sequence_losses
     from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
 
     params = trainable_parameters(model)
-    consumer = FisherConsumer(params)
+    consumer = FisherConsumer(params, with_mean=with_mean)
     mine = [examples[i] for i in shard_indices(len(examples))]
 
     def losses(m, batch):
@@ -113,9 +123,11 @@ def empirical_fisher(
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     names = sorted(params)
-    all_reduce_sum_([consumer.squares[n] for n in names] + [consumer.sums[n] for n in names])
+    sums = consumer.sums or {}
+    all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
     count = len(examples)
-    return ({n: f.div_(count) for n, f in consumer.squares.items()}, {n: m.div_(count) for n, m in consumer.sums.items()})
+    fisher = {n: f.div_(count) for n, f in consumer.squares.items()}
+    return fisher, ({n: m.div_(count) for n, m in sums.items()} if with_mean else None)
 
 
 def _pad_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
