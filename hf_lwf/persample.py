@@ -10,7 +10,8 @@ gradients, layer by layer:
 * ``nn.Linear`` (and so LoRA's A/B): ``G_x = sum_t b_t a_t^T``; bias ``sum_t b_t``.
 * ``transformers``' ``Conv1D`` (GPT-2, transposed weight): ``G_x = sum_t a_t b_t^T``.
 * ``nn.Embedding``: rows of the sample's tokens, ``G_x[v] = sum_{t: id_t = v} b_t`` (``padding_idx`` excluded).
-* ``nn.LayerNorm``: weight ``sum_t b_t * xhat_t``, bias ``sum_t b_t``.
+* ``nn.LayerNorm``: weight ``sum_t b_t * xhat_t``, bias ``sum_t b_t``; Llama-style ``*RMSNorm`` the same, once
+  ``out == weight * xhat`` has been checked for its class.
 * anything else (RMSNorm, ...): ``torch.func.vmap`` of the gradient of ``<module(a_x), b_x>`` with respect to
   the module's own parameters, or, if that transform fails, a per-sample backward through that module only.
 
@@ -86,7 +87,31 @@ def _kind(module: torch.nn.Module) -> str:
         return "embedding"
     if isinstance(module, torch.nn.LayerNorm):
         return "layernorm"
+    if "RMSNorm" in type(module).__name__ and _rms_eps(module) is not None and _RMS_RULE.get(type(module), True):
+        return "rmsnorm"
     return "generic"
+
+
+_RMS_RULE: dict[type, bool] = {}
+"""Per RMSNorm class: whether ``out == weight * xhat`` held when first checked (else: the generic fallback)."""
+
+
+def _rms_eps(module) -> float | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def _rms_normalized(module, x: torch.Tensor) -> torch.Tensor:
+    """``x / rms(x)`` the way Llama-style RMSNorms compute it (fp32, then back to the input dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _rms_eps(module))
+    return h.to(x.dtype)
 
 
 _ROW_KINDS = {("linear", "weight"), ("conv1d", "weight"), ("embedding", "weight")}
@@ -143,7 +168,12 @@ class _Capture:
             # would already be summed over samples, so give each sample its own copy.
             args = (args[0].expand(batch, *args[0].shape[1:]), *args[1:])
             output = replaced = output.expand(batch, *output.shape[1:])
-        use = _Use(module, _kind(module), args, kwargs)
+        kind = _kind(module)
+        if kind == "rmsnorm" and type(module) not in _RMS_RULE:  # check the rule once per class
+            expected = module.weight.detach() * _rms_normalized(module, args[0].detach())
+            _RMS_RULE[type(module)] = bool(torch.allclose(expected.float(), output.detach().float(), rtol=1e-4, atol=1e-6))
+            kind = _kind(module)
+        use = _Use(module, kind, args, kwargs)
         for _, name in self.owned[module]:
             self.uses[name].append(use)
             self.pending[name] += 1
@@ -234,6 +264,9 @@ class _Capture:
                 return b.sum(1)
             xhat = F.layer_norm(x.float(), module.normalized_shape, None, None, module.eps)
             return (b * xhat.reshape_as(b)).sum(1)
+        if use.kind == "rmsnorm" and local == "weight":
+            xhat = _rms_normalized(use.module, x.detach()).float()
+            return (b * xhat).reshape(batch, -1, b.shape[-1]).sum(1)
         return self._generic_grad(use, local)
 
     def _embedding_grad(self, use: _Use, b: torch.Tensor, rows: slice | None) -> torch.Tensor:

@@ -202,6 +202,19 @@ class _Odd(torch.nn.Module):
         return x
 
 
+class OffsetRMSNorm(torch.nn.Module):
+    """Gemma-style ``(1 + w) * xhat``: the RMSNorm rule's check fails and the generic path takes over."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, dim))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1.0 + self.weight) * h
+
+
 class _Toy(torch.nn.Module):
     """A linear layer with bias called twice, an odd layer and a LayerNorm: every rule and the fallback."""
 
@@ -211,13 +224,14 @@ class _Toy(torch.nn.Module):
         self.shared = torch.nn.Linear(dim, dim)
         self.odd = _Odd(dim)
         self.norm = torch.nn.LayerNorm(dim)
+        self.rms = OffsetRMSNorm(dim)
         self.head = torch.nn.Linear(dim, vocab, bias=False)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.embed(input_ids)
         h = torch.tanh(self.shared(h))
         h = self.shared(self.odd(h))
-        return type("Out", (), {"logits": self.head(self.norm(h))})()
+        return type("Out", (), {"logits": self.head(self.rms(self.norm(h)))})()
 
 
 def test_every_rule_and_the_fallback_on_a_toy_model():
@@ -234,6 +248,18 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-4)
     _assert_rel(n, n_ref, rtol=1e-4)
+    from hf_lwf.persample import _RMS_RULE
+
+    assert _RMS_RULE[OffsetRMSNorm] is False
+
+
+def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
+    from hf_lwf.persample import _RMS_RULE
+
+    _RMS_RULE.clear()
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
+    batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
+    assert _RMS_RULE[type(llama.model.norm)] is True
 
 
 def _examples(tokenizer, n=5):
