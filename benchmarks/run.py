@@ -104,7 +104,7 @@ def load(name: str):
 
 
 WORKLOADS = {  # samples, batch, prompt/response tokens, repeats
-    "tiny": dict(samples=64, batch=16, prompt=40, response=60, repeats=5),
+    "tiny": dict(samples=64, batch=16, prompt=40, response=60, repeats=5, threads=1),
     "smollm2": dict(samples=16, batch=8, prompt=40, response=60, repeats=3, trainer_repeats=1, overhead_steps=10),
 }
 
@@ -221,14 +221,16 @@ def bench_scoring(model, tokenizer, w) -> dict:
         loop = interleaved({"fb": forward_backward, "loop": lambda: [
             reference_confidence(model, b, direction, fisher, 1e-4, "deviation") for b in batches]}, 1, warmup=False)
         out["per_sample_loop_over_forward_backward"] = loop["loop"] / loop["fb"]
-    # Effect of keeping F and theta_ref in bf16 on the scores.
-    low = ScoringTerms.from_state({n: f.bfloat16() for n, f in fisher.items()}, model=model,
-                                  reference={n: r.bfloat16() for n, r in reference.items()})
+    # Effect on the scores of keeping F (and theta_ref) in bf16; keeping them on the CPU changes nothing numerically.
     c32 = torch.cat([_combine(batch_confidence(model, b, terms), 1e-4) for b in batches])
-    c16 = torch.cat([_combine(batch_confidence(model, b, low), 1e-4) for b in batches])
-    out["bf16_state_max_relative_score_error"] = float((c16 - c32).abs().max() / c32.abs().max())
-    out["bf16_state_score_rank_correlation"] = _spearman(c16, c32)
-    out["bf16_state_same_top_quarter"] = _overlap(c16, c32, 0.25)
+    low_f = {n: f.bfloat16() for n, f in fisher.items()}
+    for label, ref in (("bf16_fisher", reference), ("bf16_fisher_and_reference",
+                                                      {n: r.bfloat16() for n, r in reference.items()})):
+        low = ScoringTerms.from_state(low_f, model=model, reference=ref)
+        c16 = torch.cat([_combine(batch_confidence(model, b, low), 1e-4) for b in batches])
+        out[f"{label}_max_relative_score_error"] = float((c16 - c32).abs().max() / c32.abs().max())
+        out[f"{label}_score_rank_correlation"] = _spearman(c16, c32)
+        out[f"{label}_same_top_quarter"] = _overlap(c16, c32, 0.25)
     del rows
     return out
 
@@ -448,7 +450,7 @@ def bench_memory(model_name: str, steps: int = 12, every: int = 6) -> dict:
     for variant in ("branch", "no-fault-backup"):
         peaks = {}
         for kind in ("vanilla", "lwf") if variant == "branch" else ("lwf",):
-            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, kind, str(steps), str(every),
+            cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(torch.get_num_threads()), "--memory-child", model_name, kind, str(steps), str(every),
                    variant]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY_JSON ")]
@@ -486,8 +488,14 @@ TARGETS = [  # (label, path in the model's results, target, baseline description
      "trainable-parameter bytes"),
     ("added peak memory (without the fault backup)", ("memory", "no-fault-backup", "added_over_trainable_bytes"), 2.0,
      "trainable-parameter bytes"),
-    ("bf16 F and θ_ref: max relative score error", ("scoring", "bf16_state_max_relative_score_error"), None, "fp32 state"),
-    ("bf16 F and θ_ref: score rank correlation", ("scoring", "bf16_state_score_rank_correlation"), None, "fp32 state"),
+    ("F in bf16: max relative score error", ("scoring", "bf16_fisher_max_relative_score_error"), None, "fp32 F"),
+    ("F in bf16: score rank correlation", ("scoring", "bf16_fisher_score_rank_correlation"), None, "fp32 F"),
+    ("F and θ_ref in bf16: max relative score error", ("scoring", "bf16_fisher_and_reference_max_relative_score_error"),
+     None, "fp32 F and θ_ref"),
+    ("F and θ_ref in bf16: score rank correlation", ("scoring", "bf16_fisher_and_reference_score_rank_correlation"),
+     None, "fp32 F and θ_ref"),
+    ("F and θ_ref in bf16: same top quarter selected", ("scoring", "bf16_fisher_and_reference_same_top_quarter"),
+     None, "fp32 F and θ_ref"),
 ]
 
 
@@ -618,9 +626,12 @@ def main(argv=None) -> None:
     sections = args.sections.split(",")
     result = {"machine": info, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "models": previous.get("models", {}), "notes": previous.get("notes", "")}
+    default_threads = torch.get_num_threads()
     for model_name in models:
         w = dict(WORKLOADS[model_name], reference_loop=model_name == "tiny")
+        torch.set_num_threads(args.threads or w.get("threads", default_threads))
         r = result["models"].setdefault(model_name, {})
+        r["torch_threads"] = torch.get_num_threads()
         model, tokenizer = load(model_name)
         for section, fn in (("scoring", bench_scoring), ("generation", bench_generation),
                             ("step_overhead", bench_step_overhead)):

@@ -217,3 +217,17 @@ def test_weighted_direction_and_masked_fisher():
     fm = masked_fisher(fisher, mask)
     assert fm["a"].tolist() == [1.0, 0.0, 3.0] and fm["b"].tolist() == [[0.0, 4.0]]
     assert masked_fisher(fisher, None) is fisher
+
+
+def test_online_update_skips_non_finite_gradients_and_reports_it():
+    fisher = {}
+    assert online_fisher_update_(fisher, {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([3.0])}, 0.5)
+    before = {n: f.clone() for n, f in fisher.items()}
+    assert not online_fisher_update_(fisher, {"w": torch.tensor([1.0, float("inf")]), "v": torch.tensor([1.0])}, 0.5)
+    assert not online_fisher_update_(fisher, {"w": torch.tensor([float("nan"), 0.0])}, 0.5)
+    assert all(torch.equal(fisher[n], before[n]) for n in fisher)
+    assert not online_fisher_update_(fisher, {}, 0.5)
+    # F kept in bf16 (a large-model option) is updated in its own dtype.
+    low = {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    assert online_fisher_update_(low, {"w": torch.tensor([2.0, 1.0])}, 0.0)
+    assert low["w"].dtype == torch.bfloat16 and low["w"].tolist() == [4.0, 1.0]
