@@ -105,7 +105,7 @@ def load(name: str):
 
 WORKLOADS = {  # samples, batch, prompt/response tokens, repeats
     "tiny": dict(samples=64, batch=16, prompt=40, response=60, repeats=5, threads=1),
-    "smollm2": dict(samples=16, batch=8, prompt=40, response=60, repeats=3, trainer_repeats=1, overhead_steps=10),
+    "smollm2": dict(samples=8, batch=8, prompt=40, response=60, repeats=2, trainer_repeats=1, overhead_steps=8),
 }
 
 
@@ -119,15 +119,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict[str, float]:
-    """Median seconds of each function, the functions taking turns in every repeat."""
-    if warmup:
-        for fn in fns.values():
-            fn()
+def interleaved(fns: dict, repeats: int, warmup=None) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns in every repeat (``warmup`` runs once first)."""
+    if warmup is not None:
+        warmup()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
         for k, fn in fns.items():
             times[k].append(timed(fn))
+            print(f"    {k}: {times[k][-1]:.2f} s (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -200,7 +200,7 @@ def bench_scoring(model, tokenizer, w) -> dict:
         "lm_forward_backward": lm_forward_backward,
         "empirical_fisher": lambda: empirical_fisher(model, examples, batch_size=w["batch"], with_mean=False),
     }
-    t = interleaved(fns, w["repeats"])
+    t = interleaved(fns, w["repeats"], warmup=lambda: [batch_confidence(model, b, terms) for b in batches[:1]])
     fb, lm = t["forward_backward"], t["lm_forward_backward"]
     out = {
         "workload": f"{w['samples']} samples of ~{w['prompt'] + w['response']} tokens, batch {w['batch']}",
@@ -219,7 +219,7 @@ def bench_scoring(model, tokenizer, w) -> dict:
 
         direction = {n: terms.chunk(n)[0] for n in fisher}
         loop = interleaved({"fb": forward_backward, "loop": lambda: [
-            reference_confidence(model, b, direction, fisher, 1e-4, "deviation") for b in batches]}, 1, warmup=False)
+            reference_confidence(model, b, direction, fisher, 1e-4, "deviation") for b in batches]}, 1)
         out["per_sample_loop_over_forward_backward"] = loop["loop"] / loop["fb"]
     # Effect on the scores of keeping F (and theta_ref) in bf16; keeping them on the CPU changes nothing numerically.
     c32 = torch.cat([_combine(batch_confidence(model, b, terms), 1e-4) for b in batches])
@@ -275,7 +275,8 @@ def bench_generation(model, tokenizer, w) -> dict:
     plain = list(range(len(encoded)))
     by_length = sorted(plain, key=lambda i: len(encoded[i]))
     with generation_mode(model, tokenizer):
-        t = interleaved({"unsorted": lambda: run(plain), "sorted": lambda: run(by_length)}, w["repeats"])
+        t = interleaved({"unsorted": lambda: run(plain), "sorted": lambda: run(by_length)}, w["repeats"],
+                        warmup=lambda: run(plain[:batch]))
     tokens = len(encoded) * new_tokens
     pad = lambda order: sum(max(len(encoded[i]) for i in order[s : s + batch]) * len(order[s : s + batch])
                             for s in range(0, len(order), batch))
@@ -307,8 +308,8 @@ def bench_step_overhead(model, tokenizer, w) -> dict:
         batch_losses(model, batch).mean().backward()
         optimizer.step()
 
-    vanilla_step()  # gradients for the update to read
-    t = interleaved({"vanilla_step": vanilla_step, "fisher_update": fisher_update}, w["repeats"] + 2)
+    t = interleaved({"vanilla_step": vanilla_step, "fisher_update": fisher_update}, w["repeats"] + 2,
+                    warmup=lambda: (vanilla_step(), fisher_update()))
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return {"seconds": t, "overhead": t["fisher_update"] / t["vanilla_step"],
@@ -590,6 +591,11 @@ def write_report(results_dir: str, docs_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
+def save(path: str, result: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, sort_keys=True)
+
+
 SECTIONS = ("scoring", "generation", "step_overhead", "trainer_overhead", "end_to_end", "memory")
 
 
@@ -639,6 +645,7 @@ def main(argv=None) -> None:
                 start = time.perf_counter()
                 r[section] = fn(model, tokenizer, w)
                 print(f"[{model_name}] {section}: {time.perf_counter() - start:.0f} s", flush=True)
+                save(path, result)
         del model
         for section, fn in (("trainer_overhead", lambda: bench_trainer_overhead(model_name, w)),
                             ("end_to_end", lambda: bench_end_to_end(model_name, quick=model_name != "tiny")),
@@ -647,8 +654,7 @@ def main(argv=None) -> None:
                 start = time.perf_counter()
                 r[section] = fn()
                 print(f"[{model_name}] {section}: {time.perf_counter() - start:.0f} s", flush=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2, sort_keys=True)
+                save(path, result)
     write_report(results_dir, docs_path)
     print(f"wrote {path} and {docs_path}")
 

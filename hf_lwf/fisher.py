@@ -20,8 +20,11 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def online_fisher_update_(fisher: TensorDict, grads: TensorDict, decay: float) -> bool:
-    """``F <- decay * F + (1 - decay) * g**2`` in place (missing entries start at zero).
+def online_fisher_update_(
+    fisher: TensorDict, grads: TensorDict, decay: float, dtype: torch.dtype = torch.float32, device=None
+) -> bool:
+    """``F <- decay * F + (1 - decay) * g**2`` in place (missing entries start at zero, in ``dtype`` on ``device``,
+    by default fp32 next to the gradient; bf16 or the CPU save memory on large models, see docs/benchmarks.md).
 
     Returns ``False`` and leaves ``F`` untouched when any gradient is non-finite. The check is one fused
     ``_foreach_norm`` and a single host sync per call; the update is two fused in-place ``_foreach`` kernels, so a
@@ -36,7 +39,7 @@ def online_fisher_update_(fisher: TensorDict, grads: TensorDict, decay: float) -
         return False
     for name, g in zip(names, gs):
         if name not in fisher:
-            fisher[name] = torch.zeros_like(g, dtype=torch.float32)
+            fisher[name] = torch.zeros_like(g, dtype=dtype, device=device or g.device)
     fs = [fisher[n] for n in names]
     if all(f.dtype == g.dtype == torch.float32 and f.device == g.device for f, g in zip(fs, gs)):
         torch._foreach_mul_(fs, decay)

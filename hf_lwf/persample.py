@@ -225,10 +225,15 @@ class _Capture:
         batch = self.batch_size
         row_numel = param[0].numel()
         step = max(1, self.chunk_elements // max(1, batch * row_numel))
+        # Dense uses first; embedding rows are then added into their block in place (no dense copy of their own).
+        ordered = sorted(zip(uses, locals_), key=lambda pair: pair[0].kind == "embedding")
         for start in range(0, param.shape[0], step):
             rows = slice(start, min(start + step, param.shape[0]))
             total = None
-            for use, local in zip(uses, locals_):
+            for use, local in ordered:
+                if use.kind == "embedding" and total is not None:
+                    self._embedding_grad(use, use.grad.float(), rows, out=total)
+                    continue
                 g = self._grad(use, local, rows)
                 total = g if total is None else total.add_(g)
             self.consumer.dense(name, rows, total)
@@ -269,7 +274,8 @@ class _Capture:
             return (b * xhat).reshape(batch, -1, b.shape[-1]).sum(1)
         return self._generic_grad(use, local)
 
-    def _embedding_grad(self, use: _Use, b: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    def _embedding_grad(self, use: _Use, b: torch.Tensor, rows: slice | None, out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         module = use.module
         ids = use.args[0].reshape(self.batch_size, -1)
         b = b.reshape(self.batch_size, -1, b.shape[-1])
@@ -278,7 +284,8 @@ class _Capture:
         if module.padding_idx is not None:
             keep &= ids != module.padding_idx
         sample = torch.arange(self.batch_size, device=ids.device).unsqueeze(1).expand_as(ids)
-        out = torch.zeros(self.batch_size, stop - start, b.shape[-1], dtype=torch.float32, device=b.device)
+        if out is None:
+            out = torch.zeros(self.batch_size, stop - start, b.shape[-1], dtype=torch.float32, device=b.device)
         out.index_put_((sample[keep], ids[keep] - start), b[keep], accumulate=True)
         return out
 

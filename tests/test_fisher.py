@@ -231,3 +231,9 @@ def test_online_update_skips_non_finite_gradients_and_reports_it():
     low = {"w": torch.zeros(2, dtype=torch.bfloat16)}
     assert online_fisher_update_(low, {"w": torch.tensor([2.0, 1.0])}, 0.0)
     assert low["w"].dtype == torch.bfloat16 and low["w"].tolist() == [4.0, 1.0]
+
+
+def test_online_update_can_keep_f_in_another_dtype():
+    fisher = {}
+    assert online_fisher_update_(fisher, {"w": torch.tensor([2.0, 1.0])}, 0.5, dtype=torch.bfloat16, device="cpu")
+    assert fisher["w"].dtype == torch.bfloat16 and fisher["w"].tolist() == [2.0, 0.5]
