@@ -217,12 +217,9 @@ class LWFCallback(TrainerCallback):
             return
         self._fisher_step = step
         grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
-        if not grads or not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
-            return
-        if grad_scale != 1.0:
-            grads = {n: g / grad_scale for n, g in grads.items()}
-        fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay)
-        self.lwf_state.fisher_updates += 1
+        if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay,
+                                            grad_scale=grad_scale):
+            self.lwf_state.fisher_updates += 1
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
@@ -251,39 +248,42 @@ class LWFCallback(TrainerCallback):
         point = lwf.unlearn_points + 1
         rescore = config.lwf_rescore_every > 0 and (point - 1) % config.lwf_rescore_every == 0
         if point == 1 or rescore or not lwf.scores:
+            # w, M * F, D and the bias correction are formed per parameter block inside scoring (fisher.ScoringTerms).
             if config.lwf_fisher == "online":
-                curvature = fisher_lib.bias_corrected(lwf.fisher, lwf.fisher_updates, config.lwf_fisher_decay)
+                fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
-                curvature, _ = fisher_lib.empirical_fisher(model, examples)
-            delta = fisher_lib.intended_update(fisher_lib.trainable_parameters(model), lwf.reference)
-            self._score_and_select(args, model, curvature, delta, lr, seed=config.lwf_seed + point)
+                (fisher, _), scale = fisher_lib.empirical_fisher(model, examples, with_mean=False), 1.0
+            terms = fisher_lib.ScoringTerms.from_state(
+                fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
+            )
+            self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point)
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
-        lwf.reference = fisher_lib.snapshot(model)
+        lwf.reference = fisher_lib.snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
         self._finish_point(state.global_step)
 
     def _early_unlearning(self, args, state, model, optimizer, train_dataloader) -> None:
         """The ``early`` ablation: all ascent steps before fine-tuning, scored with the empirical Fisher."""
         config = self.config
         examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed)
-        curvature, mean_grad = fisher_lib.empirical_fisher(model, examples)
-        delta = {n: -args.learning_rate * g for n, g in mean_grad.items()}
-        self._score_and_select(args, model, curvature, delta, args.learning_rate, seed=config.lwf_seed)
+        curvature, delta = fisher_lib.empirical_fisher(model, examples)
+        for g in delta.values():
+            g.mul_(-args.learning_rate)  # D = -eta * mean learning gradient, in place
+        terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio)
+        self._score_and_select(args, model, terms, args.learning_rate, seed=config.lwf_seed)
+        del curvature, delta, terms
         periods = max(1, state.max_steps // config.lwf_unlearn_every) if state.max_steps > 0 else 1
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps * periods)
         self.lwf_state.unlearn_points = 1
-        self.lwf_state.reference = fisher_lib.snapshot(model)
+        self.lwf_state.reference = fisher_lib.snapshot(model, out=self.lwf_state.reference)
         self._finish_point(state.global_step)
 
-    def _score_and_select(self, args, model, fisher, delta, lr: float, seed: int) -> None:
+    def _score_and_select(self, args, model, terms, lr: float, seed: int) -> None:
         config, lwf = self.config, self.lwf_state
         start = time.perf_counter()
-        mask = fisher_lib.update_mask(fisher, delta, config.lwf_mask_ratio)
-        direction = fisher_lib.weighted_direction(fisher, delta, mask)
-        curvature = fisher_lib.masked_fisher(fisher, mask)
         scores = score_self_data(
-            model, self.self_data, self._pad_id, direction, curvature, lr,
+            model, self.self_data, self._pad_id, terms, None, lr,
             mode=config.lwf_confidence, batch_size=config.lwf_score_batch_size, show_progress=_show_progress(args),
         )
         finite = torch.isfinite(scores)

@@ -5,8 +5,10 @@ task around its target theta + D with curvature F (masked), the learning loss th
 
     c(x) = eta * g_x . w  +  eta**2 / 2 * sum_i M_i F_i g_{x,i}**2  =  eta * a(x) + eta**2 / 2 * n(x),
 
-with w = M * F * D. ``a(x)`` is a directional derivative of the sample loss, so a whole batch needs one
-forward-mode pass (:func:`alignment_scores`); ``n(x)`` needs per-sample gradients (:func:`fisher_norms`).
+with w = M * F * D. :func:`batch_confidence` gets both terms for a whole batch from one forward+backward and
+per-layer per-sample gradients (:mod:`hf_lwf.persample`); w and M * F are formed one parameter block at a time
+from F, theta_ref and the live weights (:class:`~hf_lwf.fisher.ScoringTerms`). ``a(x)`` alone is also a
+directional derivative, one forward-mode pass (:func:`alignment_scores`).
 :func:`reference_confidence` computes both from plain per-sample backward passes; tests compare against it.
 """
 
@@ -20,7 +22,8 @@ from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, shard_indices
-from .fisher import TensorDict, per_sample_gradients, trainable_parameters
+from .fisher import ScoringTerms, TensorDict, per_sample_gradients, trainable_parameters
+from .persample import DEFAULT_CHUNK_ELEMENTS, ScoreConsumer, per_sample_pass
 from .selfgen import collate_self_data
 
 
@@ -116,13 +119,30 @@ def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], dir
     return derivative.detach().float()
 
 
-def fisher_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor], curvature: TensorDict) -> torch.Tensor:
-    """``n(x) = sum_i M_i F_i g_{x,i}**2`` for every sample of ``batch`` (one backward per sample)."""
-    norms = []
-    for grads in _per_sample_gradients(model, batch):
-        norms.append(sum((curvature[n] * grads[n].pow(2)).sum() for n in curvature))
-    model.zero_grad(set_to_none=True)
-    return torch.stack(norms).float()
+def batch_confidence(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    terms: ScoringTerms,
+    norms: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(a(x), n(x))`` for every sample of ``batch`` from one forward+backward (``n`` is None unless ``norms``).
+
+    With ``norms=False`` only ``a(x)`` is computed, and no per-sample weight gradient is ever formed.
+    """
+    params = trainable_parameters(model)
+    device = batch["input_ids"].device
+    consumer = ScoreConsumer(terms, batch["input_ids"].shape[0], device, norms=norms)
+    per_sample_pass(model, batch, consumer, batch_losses, params, chunk_elements)
+    return consumer.a, (consumer.n if norms else None)
+
+
+def fisher_norms(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], curvature: TensorDict,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``n(x) = sum_i M_i F_i g_{x,i}**2`` for every sample of ``batch`` (one batched forward+backward)."""
+    return batch_confidence(model, batch, ScoringTerms.explicit({}, curvature), True, chunk_elements)[1]
 
 
 def reference_confidence(
@@ -146,17 +166,26 @@ def score_self_data(
     model: torch.nn.Module,
     rows,
     pad_id: int,
-    direction: TensorDict,
-    curvature: TensorDict,
-    lr: float,
+    direction: TensorDict | ScoringTerms,
+    curvature: TensorDict | None = None,
+    lr: float = 1.0,
     mode: str = "deviation",
     batch_size: int = 8,
     show_progress: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    alignment: str = "hooks",
 ) -> torch.Tensor:
-    """Confidence c(x) of every row of D_self; the rows are split across ranks and the scores summed back."""
+    """Confidence c(x) of every row of D_self; the rows are split across ranks and the scores summed back.
+
+    ``direction`` is a :class:`~hf_lwf.fisher.ScoringTerms` (then ``curvature`` is None), or the ``w`` dict with
+    ``curvature`` the ``M * F`` dict. Rows are scored in batches of ``batch_size``, sorted by length to limit
+    padding. ``alignment="jvp"`` computes the alignment mode with a forward-mode pass instead of the hooks.
+    """
+    terms = direction if isinstance(direction, ScoringTerms) else ScoringTerms.explicit(direction, curvature)
     device = next(model.parameters()).device
     scores = torch.zeros(len(rows), dtype=torch.float32, device=device)
     mine = shard_indices(len(rows))
+    mine = sorted(mine, key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"]))
     was_training = model.training
     model.eval()
     try:
@@ -164,8 +193,10 @@ def score_self_data(
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_self_data([rows[i] for i in indices], pad_id).items()}
-            a = alignment_scores(model, batch, direction)
-            n = fisher_norms(model, batch, curvature) if mode == "deviation" else None
+            if mode == "alignment" and alignment == "jvp":
+                a, n = alignment_scores_from_terms(model, batch, terms), None
+            else:
+                a, n = batch_confidence(model, batch, terms, norms=mode == "deviation", chunk_elements=chunk_elements)
             scores[indices] = combine(a, n, lr, mode).to(scores.device)
             bar.update(len(indices))
         bar.close()
@@ -174,3 +205,10 @@ def score_self_data(
         model.train(was_training)
     all_reduce_sum_([scores])
     return scores.cpu()
+
+
+def alignment_scores_from_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], terms: ScoringTerms) -> torch.Tensor:
+    """:func:`alignment_scores` with ``w`` taken from ``terms`` (one whole-model ``w`` exists for the JVP)."""
+    params = trainable_parameters(model)
+    direction = {n: terms.chunk(n)[0] for n in params if terms.has(n)}
+    return alignment_scores(model, batch, {n: w for n, w in direction.items() if w is not None})

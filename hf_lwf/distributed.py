@@ -32,3 +32,12 @@ def shard_indices(num_items: int) -> list[int]:
     """The item indices this rank handles when ``num_items`` are split across ranks."""
     rank, world = rank_and_world()
     return list(range(rank, num_items, world))
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -20,13 +20,49 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def online_fisher_update_(fisher: TensorDict, grads: TensorDict, decay: float) -> None:
-    """``F <- decay * F + (1 - decay) * g**2`` in place (missing entries start at zero)."""
-    for name, grad in grads.items():
-        squared = grad.detach().float().pow(2)
+def online_fisher_update_(
+    fisher: TensorDict,
+    grads: TensorDict,
+    decay: float,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    grad_scale: float = 1.0,
+) -> bool:
+    """``F <- decay * F + (1 - decay) * (g / grad_scale)**2`` in place (missing entries start at zero, in ``dtype`` on
+    ``device``, by default fp32 next to the gradient; bf16 or the CPU save memory on large models, see
+    docs/benchmarks.md). ``grad_scale`` is the fp16 loss scale of gradients not yet unscaled.
+
+    Returns ``False`` and leaves ``F`` untouched when any gradient is non-finite. The check is one fused
+    ``_foreach_norm`` and a single host sync per call; the update is two fused in-place ``_foreach`` kernels, so a
+    learning step costs no extra parameter-sized memory.
+    """
+    names = [n for n in grads if grads[n] is not None]
+    if not names:
+        return False
+    gs = [grads[n].detach() for n in names]
+    norms = torch._foreach_norm(gs)
+    if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return False
+    for name, g in zip(names, gs):
         if name not in fisher:
-            fisher[name] = torch.zeros_like(squared)
-        fisher[name].mul_(decay).add_(squared, alpha=1 - decay)
+            fisher[name] = torch.zeros_like(g, dtype=dtype, device=device or g.device)
+    fs = [fisher[n] for n in names]
+    weight = (1 - decay) / grad_scale**2
+    if all(f.dtype == g.dtype == torch.float32 and f.device == g.device for f, g in zip(fs, gs)):
+        torch._foreach_mul_(fs, decay)
+        torch._foreach_addcmul_(fs, gs, gs, value=weight)
+    else:  # low-precision gradients or F kept elsewhere (bf16, CPU): one parameter at a time
+        for f, g in zip(fs, gs):
+            g = g.to(device=f.device, dtype=torch.float32)
+            f.copy_(f.float().mul_(decay).addcmul_(g, g, value=weight))
+    return True
+
+
+def bias_correction(num_updates: int, decay: float) -> float:
+    """``1 / (1 - decay**t)``: the factor that un-shrinks an online Fisher after ``t`` updates."""
+    if num_updates < 1:
+        raise ValueError("The online Fisher has no update yet: unlearning needs at least one learning step.")
+    return 1.0 / (1.0 - decay**num_updates)
 
 
 def bias_corrected(fisher: TensorDict, num_updates: int, decay: float) -> TensorDict:
@@ -51,13 +87,80 @@ def per_sample_gradients(
         }
 
 
+_BATCHABLE_KEYS = {"input_ids", "attention_mask", "labels"}
+
+
 def empirical_fisher(
-    model: torch.nn.Module, examples: list[dict[str, torch.Tensor]], loss_fn: Callable | None = None
-) -> tuple[TensorDict, TensorDict]:
+    model: torch.nn.Module,
+    examples: list[dict[str, torch.Tensor]],
+    loss_fn: Callable | None = None,
+    batch_size: int = 16,
+    chunk_elements: int | None = None,
+    with_mean: bool = True,
+) -> tuple[TensorDict, TensorDict | None]:
     """Mean of squared per-sample gradients, and the mean gradient, over ``examples`` (split across ranks).
 
-    Each example is a model-ready batch of size one. Returns ``(F, mean_gradient)``.
+    Each example is a model-ready batch of size one. Returns ``(F, mean_gradient)`` (``mean_gradient`` is None
+    when ``with_mean`` is False, which saves a parameter-sized buffer). Causal-LM examples
+    (``input_ids``, ``attention_mask``, ``labels`` only, no custom ``loss_fn``) are right-padded into batches of
+    ``batch_size`` and their per-sample gradients come from one forward+backward per batch
+    (:mod:`hf_lwf.persample`); anything else takes one backward per example (:func:`empirical_fisher_reference`).
     """
+    if not examples:
+        raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
+    if loss_fn is not None or any(set(e) - _BATCHABLE_KEYS or "labels" not in e or e["input_ids"].shape[0] != 1
+                                  for e in examples):
+        fisher, mean = empirical_fisher_reference(model, examples, loss_fn)
+        return fisher, (mean if with_mean else None)
+    from .confidence import sequence_losses
+    from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
+
+    params = trainable_parameters(model)
+    consumer = FisherConsumer(params, with_mean=with_mean)
+    mine = [examples[i] for i in shard_indices(len(examples))]
+
+    def losses(m, batch):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sequence_losses(logits, batch["labels"])
+
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            batch = _pad_examples(mine[start : start + batch_size])
+            per_sample_pass(model, batch, consumer, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    names = sorted(params)
+    sums = consumer.sums or {}
+    all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
+    count = len(examples)
+    fisher = {n: f.div_(count) for n, f in consumer.squares.items()}
+    return fisher, ({n: m.div_(count) for n, m in sums.items()} if with_mean else None)
+
+
+def _pad_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad single-example causal-LM batches into one (padding carries attention 0 and label -100)."""
+    length = max(e["input_ids"].shape[1] for e in examples)
+    device = examples[0]["input_ids"].device
+    out = {
+        "input_ids": torch.zeros(len(examples), length, dtype=torch.long, device=device),
+        "attention_mask": torch.zeros(len(examples), length, dtype=torch.long, device=device),
+        "labels": torch.full((len(examples), length), -100, dtype=torch.long, device=device),
+    }
+    for i, e in enumerate(examples):
+        n = e["input_ids"].shape[1]
+        out["input_ids"][i, :n] = e["input_ids"][0]
+        out["attention_mask"][i, :n] = e["attention_mask"][0] if "attention_mask" in e else 1
+        out["labels"][i, :n] = e["labels"][0]
+    return out
+
+
+def empirical_fisher_reference(
+    model: torch.nn.Module, examples: list[dict[str, torch.Tensor]], loss_fn: Callable | None = None
+) -> tuple[TensorDict, TensorDict]:
+    """The plain empirical Fisher: one backward per example (the reference, and the path for custom losses)."""
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
     params = trainable_parameters(model)
@@ -108,6 +211,124 @@ def masked_fisher(fisher: TensorDict, mask: TensorDict | None) -> TensorDict:
     return fisher if mask is None else {n: fisher[n] * mask[n] for n in fisher}
 
 
-def snapshot(model: torch.nn.Module) -> TensorDict:
-    """A detached fp32 copy of the trainable parameters (the reference theta_ref)."""
-    return {name: p.detach().float().clone() for name, p in trainable_parameters(model).items()}
+def snapshot(
+    model: torch.nn.Module, out: TensorDict | None = None, dtype: torch.dtype = torch.float32, device=None
+) -> TensorDict:
+    """A detached copy of the trainable parameters (the reference theta_ref), fp32 by default.
+
+    With ``out``, the copy is written into its tensors in place (no second whole-model copy exists at any time);
+    ``dtype``/``device`` choose how a new copy is stored (e.g. bf16, or CPU for a GPU run).
+    """
+    params = trainable_parameters(model)
+    if out:
+        with torch.no_grad():
+            for name, p in params.items():
+                out[name].copy_(p.detach())
+        return out
+    return {name: p.detach().to(device=device or p.device, dtype=dtype, copy=True) for name, p in params.items()}
+
+
+def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: int) -> float:
+    """The ``k``-th largest of the non-negative fp32 numbers ``values(name)`` over all ``names``, exactly.
+
+    A radix select over the float bit patterns, 8 bits per pass: four passes over the parameters, each holding
+    one parameter's values at a time, so no concatenated copy of all of them is ever made.
+    """
+    names = list(names)
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        counts = None
+        for name in names:
+            bits = values(name).float().reshape(-1).view(torch.int32)
+            if shift < 24:
+                bits = bits[(bits >> (shift + 8)) == prefix]
+            digits = torch.bincount(((bits >> shift) & 255).long(), minlength=256)
+            counts = digits if counts is None else counts + digits
+        above = 0
+        counts = counts.tolist()
+        for digit in range(255, -1, -1):
+            if above + counts[digit] >= remaining:
+                break
+            above += counts[digit]
+        remaining -= above
+        prefix = (prefix << 8) | digit
+    return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
+
+
+class ScoringTerms:
+    """``w = M * F * D`` and ``F_M = M * F`` for one parameter (or a block of its rows) at a time.
+
+    Built :meth:`from_state` (F, theta_ref and the live weights: D, the bias correction and the mask are applied
+    per block inside the scoring pass, so none of them exists as a whole-model copy) or :meth:`explicit` from
+    ready ``direction``/``curvature`` dicts. F and theta_ref may be kept in any dtype or on another device
+    (bf16, CPU): each block is moved to the parameter's device in fp32 when it is used.
+    """
+
+    def __init__(self):
+        self._direction: TensorDict | None = None
+        self._curvature: TensorDict | None = None
+        self._fisher: TensorDict | None = None
+        self._delta: TensorDict | None = None
+        self._reference: TensorDict | None = None
+        self._params: dict[str, torch.Tensor] | None = None
+        self._scale = 1.0
+        self.threshold: float | None = None
+
+    @classmethod
+    def explicit(cls, direction: TensorDict, curvature: TensorDict | None = None) -> ScoringTerms:
+        terms = cls()
+        terms._direction, terms._curvature = direction, curvature or {}
+        return terms
+
+    @classmethod
+    def from_state(
+        cls,
+        fisher: TensorDict,
+        *,
+        model: torch.nn.Module | None = None,
+        reference: TensorDict | None = None,
+        delta: TensorDict | None = None,
+        scale: float = 1.0,
+        mask_ratio: float = 1.0,
+    ) -> ScoringTerms:
+        """``D = delta`` if given, else ``theta_now - reference`` from ``model``'s live weights; F is ``scale * fisher``."""
+        if delta is None and (model is None or reference is None):
+            raise ValueError("ScoringTerms.from_state needs `delta`, or `model` and `reference`.")
+        terms = cls()
+        terms._fisher, terms._delta, terms._reference, terms._scale = fisher, delta, reference, scale
+        terms._params = trainable_parameters(model) if model is not None else None
+        if mask_ratio < 1.0:
+            total = sum(f.numel() for f in fisher.values())
+            keep = max(1, int(round(mask_ratio * total)))
+            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep)
+        return terms
+
+    def has(self, name: str) -> bool:
+        if self._fisher is not None:
+            return name in self._fisher
+        return name in self._direction or name in self._curvature
+
+    def _fisher_delta(self, name: str, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(None) if rows is None else rows
+        fisher = self._fisher[name][rows]
+        device = self._params[name].device if self._params is not None else fisher.device
+        f = fisher.to(device=device, dtype=torch.float32)
+        if self._scale != 1.0:
+            f = f * self._scale
+        if self._delta is not None:
+            d = self._delta[name][rows].to(device=device, dtype=torch.float32)
+        else:
+            d = self._params[name].detach()[rows].float() - self._reference[name][rows].to(device=device, dtype=torch.float32)
+        return f, f * d
+
+    def chunk(self, name: str, rows: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(w, F_M)`` of ``param[rows]`` in fp32 (``None`` where a term does not cover this parameter)."""
+        if self._fisher is None:
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            w, fm = self._direction.get(name), self._curvature.get(name)
+            return (pick(w).float() if w is not None else None), (pick(fm).float() if fm is not None else None)
+        f, fd = self._fisher_delta(name, rows)
+        if self.threshold is None:
+            return fd, f
+        mask = fd.abs() >= self.threshold
+        return fd * mask, f * mask

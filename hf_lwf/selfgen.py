@@ -8,6 +8,8 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .distributed import gather_objects, rank_and_world
+
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as a user turn, through the chat template when the tokenizer has one."""
@@ -115,38 +117,51 @@ def generate_self_data(
     batch_size: int = 8,
     seed: int = 42,
     show_progress: bool = True,
+    sort_by_length: bool = True,
 ) -> Dataset:
     """Sample ``samples_per_prompt`` responses per prompt from ``model`` as it is now.
 
     Batched, left-padded ``generate``; empty and duplicate responses are dropped. Each row keeps ``task``,
-    ``prompt``, ``prompt_ids``, ``response_ids`` and the decoded ``text``. Sampling runs in a forked RNG
-    seeded by ``seed``, so the training RNG stream is untouched and every rank gets the same D_self.
+    ``prompt``, ``prompt_ids``, ``response_ids`` and the decoded ``text``, in prompt order.
+
+    The jobs (prompt x sample) are sorted by prompt length before they are cut into batches, so a batch pads
+    little. Batch ``b`` samples with the RNG seeded by ``seed + b`` inside a forked RNG (the training RNG stream is
+    untouched), so its responses do not depend on which process generates it: under DDP the batches are shared
+    round-robin across ranks and gathered back, and D_self is the same for any world size.
     """
     encoded = encode_prompts(tokenizer, prompts, context_length(model), max_new_tokens)
     jobs = [(task, text, ids) for task in prompts for text, ids in zip(prompts[task], encoded[task])]
     jobs = [job for job in jobs for _ in range(samples_per_prompt)]
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][2])) if sort_by_length else list(range(len(jobs)))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
-    rows, seen = [], set()
+    responses: dict[int, list[int]] = {}
     with generation_mode(model, tokenizer), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(seed)
-        bar = tqdm(total=len(jobs), desc="LWF self-generation", disable=not show_progress, leave=False)
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            responses = generate_responses(
-                model, tokenizer, [ids for _, _, ids in batch],
+        mine = range(rank, len(batches), world)
+        bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="LWF self-generation", disable=not show_progress,
+                   leave=False)
+        for b in mine:
+            torch.manual_seed(seed + b)
+            out = generate_responses(
+                model, tokenizer, [jobs[i][2] for i in batches[b]],
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             )
-            for (task, text, prompt_ids), response in zip(batch, responses):
-                decoded = tokenizer.decode(response, skip_special_tokens=True)
-                key = (task, text, decoded.strip())
-                if not decoded.strip() or key in seen:
-                    continue
-                seen.add(key)
-                rows.append(
-                    {"task": task, "prompt": text, "prompt_ids": prompt_ids, "response_ids": response, "text": decoded}
-                )
-            bar.update(len(batch))
+            responses.update(zip(batches[b], out))
+            bar.update(len(batches[b]))
         bar.close()
+    if world > 1:
+        for part in gather_objects(responses):
+            responses.update(part)
+    rows, seen = [], set()
+    for i, (task, text, prompt_ids) in enumerate(jobs):
+        response = responses[i]
+        decoded = tokenizer.decode(response, skip_special_tokens=True)
+        key = (task, text, decoded.strip())
+        if not decoded.strip() or key in seen:
+            continue
+        seen.add(key)
+        rows.append({"task": task, "prompt": text, "prompt_ids": prompt_ids, "response_ids": response, "text": decoded})
     if not rows:
         raise ValueError(
             "Self-generation produced no non-empty response for `lwf_forget_prompts`; raise `lwf_max_new_tokens` "

@@ -173,7 +173,7 @@ def test_response_stops_at_eos_and_empty_responses_are_dropped(any_model, tokeni
     try:
         prompts = {"t": FORGET_PROMPTS}
         ds = _generate(any_model, tokenizer, prompts, samples_per_prompt=1, temperature=0.0, max_new_tokens=6,
-                       batch_size=4)
+                       batch_size=4, sort_by_length=False)  # the plan addresses batch rows in prompt order
     finally:
         hook.remove()
     rows = {r["prompt"]: r for r in ds}
@@ -260,3 +260,41 @@ def test_collate_generated_rows(llama, tokenizer):
         assert batch["input_ids"][i, : n_p + n_r].tolist() == row["prompt_ids"] + row["response_ids"]
         assert int(batch["attention_mask"][i].sum()) == n_p + n_r
         assert (batch["labels"][i] != -100).nonzero().flatten().tolist() == list(range(n_p, n_p + n_r))
+
+
+# ---------------------------------------------------------------- batching: length sorting, world-size independence
+
+
+def test_length_sorted_batches_give_the_prompt_order_and_the_same_greedy_text(any_model, tokenizer):
+    prompts = {"a": ["Why?", FORGET_PROMPTS[0]], "b": ["Hi", FORGET_PROMPTS[1], "Tell me more"]}
+    sorted_ = _generate(any_model, tokenizer, prompts, samples_per_prompt=1, temperature=0.0, batch_size=2)
+    plain = _generate(any_model, tokenizer, prompts, samples_per_prompt=1, temperature=0.0, batch_size=2,
+                      sort_by_length=False)
+    assert sorted_.to_list() == plain.to_list()
+    assert [(r["task"], r["prompt"]) for r in sorted_] == [(t, p) for t in prompts for p in prompts[t]][: len(sorted_)]
+
+
+def test_d_self_is_the_same_for_any_world_size(llama, tokenizer, monkeypatch):
+    import hf_lwf.selfgen as selfgen
+
+    prompts = {"a": FORGET_PROMPTS[:3], "b": ["Hi", "Why?"]}
+    kwargs = dict(samples_per_prompt=2, batch_size=3, temperature=1.0, seed=4)
+    single = _generate(llama, tokenizer, prompts, **kwargs)
+
+    class Gathered(Exception):
+        pass
+
+    captured = {}
+
+    def rank1_gather(obj):
+        captured[1] = obj
+        raise Gathered
+
+    monkeypatch.setattr(selfgen, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(selfgen, "gather_objects", rank1_gather)
+    with pytest.raises(Gathered):
+        _generate(llama, tokenizer, prompts, **kwargs)
+    monkeypatch.setattr(selfgen, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(selfgen, "gather_objects", lambda obj: [obj, captured[1]])
+    two_ranks = _generate(llama, tokenizer, prompts, **kwargs)
+    assert captured[1] and two_ranks.to_list() == single.to_list()

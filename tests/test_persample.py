@@ -1,0 +1,313 @@
+"""Per-layer per-sample gradients (one batched pass) against plain per-sample backward references."""
+
+import pytest
+import torch
+from conftest import FORGET_PROMPTS, LEARN_TEXTS, tiny_gpt2, tiny_llama
+
+from hf_lwf.confidence import batch_confidence, reference_confidence, score_self_data, sequence_losses
+from hf_lwf.fisher import (
+    ScoringTerms,
+    bias_corrected,
+    empirical_fisher,
+    empirical_fisher_reference,
+    intended_update,
+    kth_largest,
+    masked_fisher,
+    snapshot,
+    trainable_parameters,
+    update_mask,
+    weighted_direction,
+)
+from hf_lwf.persample import FisherConsumer, per_sample_pass
+from hf_lwf.selfgen import collate_self_data, encode_prompt
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request, tokenizer):
+    m = MODELS[request.param](len(tokenizer), seed=1)
+    m.eval()
+    return m
+
+
+def _batch(tokenizer, n=4):
+    responses = [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70, 40, 40]]
+    rows = [
+        {"prompt_ids": encode_prompt(tokenizer, p), "response_ids": r}
+        for p, r in zip(FORGET_PROMPTS, responses)
+    ][:n]
+    return collate_self_data(rows, tokenizer.pad_token_id)
+
+
+def _state(model, seed=0):
+    """An online-Fisher-like F, a reference theta_ref a small step away from the live weights."""
+    g = torch.Generator().manual_seed(seed)
+    params = trainable_parameters(model)
+    fisher = {n: torch.rand(p.shape, generator=g) * 1e-2 for n, p in params.items()}
+    reference = {n: p.detach().float() - torch.randn(p.shape, generator=g) * 1e-3 for n, p in params.items()}
+    return fisher, reference
+
+
+def _reference_terms(model, batch, fisher, reference, mask_ratio, lr=0.1):
+    delta = intended_update(snapshot(model), reference)
+    mask = update_mask(fisher, delta, mask_ratio)
+    w, fm = weighted_direction(fisher, delta, mask), masked_fisher(fisher, mask)
+    a = reference_confidence(model, batch, w, fm, 1.0, "alignment")
+    dev = reference_confidence(model, batch, w, fm, lr, "deviation")
+    n = (dev - lr * a) / (0.5 * lr**2)
+    return a, n, mask
+
+
+def _assert_rel(actual, expected, rtol=1e-3):
+    actual, expected = actual.double(), expected.double()
+    scale = float(expected.abs().max())
+    assert scale > 0
+    assert float(((actual - expected).abs() / (expected.abs() + 1e-6 * scale)).max()) <= rtol, (actual, expected)
+
+
+@pytest.mark.parametrize("mask_ratio", [1.0, 0.3])
+def test_batched_confidence_matches_the_reference(model, tokenizer, mask_ratio):
+    batch = _batch(tokenizer)
+    fisher, reference = _state(model)
+    a_ref, n_ref, mask = _reference_terms(model, batch, fisher, reference, mask_ratio)
+    terms = ScoringTerms.from_state(fisher, model=model, reference=reference, mask_ratio=mask_ratio)
+    if mask is not None:  # the streamed threshold selects exactly the top-k mask
+        kept = sum(int(m.sum()) for m in mask.values())
+        assert kept == sum(int((terms.chunk(n)[1] != 0).sum()) for n in fisher)
+    a, n = batch_confidence(model, batch, terms)
+    _assert_rel(a, a_ref)
+    _assert_rel(n, n_ref)
+    a_only, none = batch_confidence(model, batch, terms, norms=False)
+    assert none is None
+    _assert_rel(a_only, a_ref)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_tied_embedding_gradient_is_summed_before_squaring(tokenizer):
+    gpt2 = tiny_gpt2(len(tokenizer), seed=2).eval()
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    batch = _batch(tokenizer)
+    name = "transformer.wte.weight"
+    curvature = {name: torch.ones_like(gpt2.lm_head.weight)}
+    consumer_terms = ScoringTerms.explicit({}, curvature)
+    _, n = batch_confidence(gpt2, batch, consumer_terms)
+    expected = []
+    for i in range(4):
+        gpt2.zero_grad()
+        logits = gpt2(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]).logits
+        sequence_losses(logits, batch["labels"][i : i + 1])[0].backward()
+        expected.append(gpt2.lm_head.weight.grad.double().pow(2).sum())
+    gpt2.zero_grad(set_to_none=True)
+    _assert_rel(n, torch.stack(expected), rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5000])
+def test_chunking_does_not_change_the_result(model, tokenizer, chunk_elements):
+    batch = _batch(tokenizer)
+    fisher, reference = _state(model, seed=3)
+    terms = ScoringTerms.from_state(fisher, model=model, reference=reference)
+    a, n = batch_confidence(model, batch, terms)
+    a_c, n_c = batch_confidence(model, batch, terms, chunk_elements=chunk_elements)
+    torch.testing.assert_close(a_c, a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(n_c, n, rtol=1e-5, atol=0)
+
+
+def test_scoring_terms_apply_bias_correction_and_delta_per_block(llama):
+    fisher, reference = _state(llama, seed=4)
+    scale = 1 / (1 - 0.9**3)
+    terms = ScoringTerms.from_state(fisher, model=llama, reference=reference, scale=scale)
+    corrected = {n: f * scale for n, f in fisher.items()}
+    delta = intended_update(snapshot(llama), reference)
+    for name in fisher:
+        w, fm = terms.chunk(name)
+        torch.testing.assert_close(w, corrected[name] * delta[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(fm, corrected[name], rtol=1e-6, atol=0)
+        rows = slice(1, 3)
+        torch.testing.assert_close(terms.chunk(name, rows)[0], w[rows])
+    # bf16 state: the same terms up to bf16 rounding.
+    low = ScoringTerms.from_state({n: f.bfloat16() for n, f in fisher.items()}, model=llama,
+                                  reference={n: r.bfloat16() for n, r in reference.items()}, scale=scale)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(low.chunk(name)[1], corrected[name], rtol=1e-2, atol=0)
+    early = ScoringTerms.from_state(fisher, delta=delta)
+    torch.testing.assert_close(early.chunk(name)[0], fisher[name] * delta[name])
+    with pytest.raises(ValueError, match="delta"):
+        ScoringTerms.from_state(fisher)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 30, 59, 60])
+def test_kth_largest_is_exact(k):
+    g = torch.Generator().manual_seed(k)
+    values = {"a": torch.rand(5, 4, generator=g) * 10, "b": torch.rand(40, generator=g) * 1e-3}
+    values["b"][3] = 0.0
+    flat = torch.cat([v.reshape(-1) for v in values.values()])
+    assert kth_largest(lambda n: values[n], values, k) == float(flat.sort(descending=True).values[k - 1])
+
+
+def test_batched_confidence_under_peft_lora(tokenizer):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(len(tokenizer), seed=5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    model.enable_input_require_grads()
+    model.eval()
+    names = set(trainable_parameters(model))
+    assert names and all("lora_" in n for n in names)
+    batch = _batch(tokenizer)
+    fisher, reference = _state(model, seed=6)
+    a_ref, n_ref, _ = _reference_terms(model, batch, fisher, reference, 1.0)
+    a, n = batch_confidence(model, batch, ScoringTerms.from_state(fisher, model=model, reference=reference))
+    _assert_rel(a, a_ref)
+    _assert_rel(n, n_ref)
+    assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+
+
+def test_score_self_data_under_gradient_checkpointing(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=7)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    batch = _batch(tokenizer)
+    fisher, reference = _state(model, seed=8)
+    terms = ScoringTerms.from_state(fisher, model=model, reference=reference)
+    rows = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": [40 + i, 41, 1]}
+            for i, p in enumerate(FORGET_PROMPTS)]
+    scores = score_self_data(model, rows, tokenizer.pad_token_id, terms, None, 0.1, "deviation", batch_size=3,
+                             show_progress=False)
+    assert model.training
+    model.eval()
+    delta = intended_update(snapshot(model), reference)
+    expected = torch.cat([
+        reference_confidence(model, collate_self_data([r], tokenizer.pad_token_id), weighted_direction(fisher, delta, None),
+                             fisher, 0.1, "deviation")
+        for r in rows
+    ])
+    _assert_rel(scores, expected)
+    del batch
+
+
+class _Odd(torch.nn.Module):
+    """No per-sample rule and no vmap: data-dependent control flow forces the per-sample backward fallback."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        if float(x.abs().sum()) > -1:  # .item()-like: vmap cannot trace it
+            return x * self.scale
+        return x
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """Gemma-style ``(1 + w) * xhat``: the RMSNorm rule's check fails and the generic path takes over."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, dim))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1.0 + self.weight) * h
+
+
+class _Toy(torch.nn.Module):
+    """A linear layer with bias called twice, an odd layer and a LayerNorm: every rule and the fallback."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim, padding_idx=0)
+        self.shared = torch.nn.Linear(dim, dim)
+        self.odd = _Odd(dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.rms = OffsetRMSNorm(dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        h = torch.tanh(self.shared(h))
+        h = self.shared(self.odd(h))
+        return type("Out", (), {"logits": self.head(self.rms(self.norm(h)))})()
+
+
+def test_every_rule_and_the_fallback_on_a_toy_model():
+    torch.manual_seed(0)
+    toy = _Toy()
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
+    g = torch.Generator().manual_seed(1)
+    params = trainable_parameters(toy)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-4)
+    _assert_rel(n, n_ref, rtol=1e-4)
+    from hf_lwf.persample import _RMS_RULE
+
+    assert _RMS_RULE[OffsetRMSNorm] is False
+
+
+def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
+    from hf_lwf.persample import _RMS_RULE
+
+    _RMS_RULE.clear()
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
+    batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
+    assert _RMS_RULE[type(llama.model.norm)] is True
+
+
+def _examples(tokenizer, n=5):
+    texts = [LEARN_TEXTS[0], "Tom has 3 apples.", LEARN_TEXTS[-1] + " Paris.", "Brush your teeth.", LEARN_TEXTS[7]][:n]
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        labels = ids.clone()
+        labels[0, 0] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def test_batched_empirical_fisher_matches_the_loop(model, tokenizer):
+    examples = _examples(tokenizer)
+    fisher, mean = empirical_fisher(model, examples, batch_size=2)
+    ref_fisher, ref_mean = empirical_fisher_reference(model, examples)
+    assert set(fisher) == set(ref_fisher)
+    for name in fisher:
+        scale = float(ref_fisher[name].abs().max()) + 1e-20
+        assert float((fisher[name] - ref_fisher[name]).abs().max()) <= 1e-4 * scale, name
+        scale = float(ref_mean[name].abs().max()) + 1e-20
+        assert float((mean[name] - ref_mean[name]).abs().max()) <= 1e-4 * scale, name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_consumer_sums_squares_per_sample(llama, tokenizer):
+    batch = _batch(tokenizer, 3)
+    params = trainable_parameters(llama)
+    consumer = FisherConsumer(params)
+
+    def losses(m, b):
+        return sequence_losses(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    out = per_sample_pass(llama, batch, consumer, losses, params)
+    assert out.shape == (3,)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    expected = torch.zeros_like(params[name])
+    for i in range(3):
+        llama.zero_grad()
+        losses(llama, {k: v[i : i + 1] for k, v in batch.items()})[0].backward()
+        expected += params[name].grad ** 2
+    llama.zero_grad(set_to_none=True)
+    torch.testing.assert_close(consumer.squares[name], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_bias_corrected_scale_matches_bias_corrected():
+    fisher = {"w": torch.tensor([1.0, 2.0])}
+    scale = 1 / (1 - 0.5**2)
+    terms = ScoringTerms.from_state(fisher, delta={"w": torch.tensor([1.0, -1.0])}, scale=scale)
+    assert terms.chunk("w")[1].tolist() == bias_corrected(fisher, 2, 0.5)["w"].tolist()
