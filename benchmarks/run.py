@@ -523,8 +523,8 @@ def markdown(all_results: dict[str, dict]) -> str:
     for machine_name, result in sorted(all_results.items()):
         info = result["machine"]
         lines += [f"## {machine_name}", "",
-                  f"{info.get('gpu') or info.get('cpu')}, {info['cpu_count']} CPUs, torch {info['torch']} "
-                  f"({info['torch_threads']} threads), transformers {info.get('transformers')}; "
+                  f"{info.get('gpu') or info.get('cpu')}, {info['cpu_count']} CPUs, torch {info['torch']}, "
+                  f"transformers {info.get('transformers')}; "
                   f"{'bf16 on GPU' if 'gpu' in info else 'fp32 on CPU'}; measured {result['date']}.", ""]
         models = [m for m in ("tiny", "smollm2") if m in result["models"]]
         lines.append("| figure | baseline | " + " | ".join(models) + " | target |")
@@ -540,7 +540,7 @@ def markdown(all_results: dict[str, dict]) -> str:
                     ok = value <= target
                     cell = (f"{value:+.1%}" if target < 0.5 else f"{value:.2f}x") + (" ✓" if ok else " ✗")
                     if not ok:
-                        cell += f" (+{value - target:.2f}{'' if target < 0.5 else 'x'} over)"
+                        cell += f" (+{value - target:.1%} over)" if target < 0.5 else f" (+{value - target:.2f}x over)"
                 else:
                     cell = f"{value:.3g}" + ("x" if "over" in path[-1] else "")
                 cells.append(cell)
@@ -574,7 +574,7 @@ def markdown(all_results: dict[str, dict]) -> str:
                                f"LWF peak {mm['branch']['lwf_peak_bytes'] / 2**20:.0f} MiB (this branch), "
                                f"{mm['no-fault-backup']['lwf_peak_bytes'] / 2**20:.0f} MiB (without the fault backup)")
             if details:
-                lines.append(f"**{m}** ({r.get('torch_threads', '?')} torch threads): " + "; ".join(details) + ".")
+                lines.append(f"**{m}** (torch threads: {r.get('torch_threads', '?')}): " + "; ".join(details) + ".")
                 lines.append("")
         if result.get("notes"):
             lines += [result["notes"], ""]
