@@ -139,11 +139,11 @@ class LWFCallback(TrainerCallback):
         if not self._restore(args, state, current):
             self.lwf_state, self.self_data, self._sampler = current, None, None
         else:
-            self.lwf_state.place_like(fisher_lib.trainable_parameters(model))
+            self.lwf_state.place_like(fisher_lib.trainable_parameters(model), device=self._state_device)
         if self.self_data is None:
             self._build_self_data(args, model, processing_class)
         if not self.lwf_state.reference:
-            self.lwf_state.reference = fisher_lib.snapshot(model)
+            self.lwf_state.reference = fisher_lib.snapshot(model, device=self._state_device)
         if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
             self._early_unlearning(args, state, model, optimizer, train_dataloader)
 
@@ -205,6 +205,11 @@ class LWFCallback(TrainerCallback):
                 self.self_data.save_to_disk(os.path.join(args.output_dir, SELF_DATA_DIR))
         logger.info(f"LWF: generated D_self with {len(self.self_data)} samples {self.lwf_state.self_data_sizes}.")
 
+    @property
+    def _state_device(self) -> str | None:
+        """Where F and theta_ref live: ``None`` means next to each parameter."""
+        return "cpu" if self.config.lwf_state_device == "cpu" else None
+
     # ----------------------------------------------------------------------------------- learning steps
     def update_fisher(self, model, step: int, grad_scale: float = 1.0) -> None:
         """Fold this step's gradients (divided by ``grad_scale``, the fp16 loss scale) into the online Fisher.
@@ -217,8 +222,9 @@ class LWFCallback(TrainerCallback):
             return
         self._fisher_step = step
         grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
-        if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay,
-                                            grad_scale=grad_scale):
+        dtype = getattr(torch, self.config.lwf_fisher_dtype)
+        if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay, dtype=dtype,
+                                            device=self._state_device, grad_scale=grad_scale):
             self.lwf_state.fisher_updates += 1
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -253,7 +259,9 @@ class LWFCallback(TrainerCallback):
                 fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
-                (fisher, _), scale = fisher_lib.empirical_fisher(model, examples, with_mean=False), 1.0
+                (fisher, _), scale = fisher_lib.empirical_fisher(
+                    model, examples, chunk_elements=config.lwf_score_chunk_size, with_mean=False
+                ), 1.0
             terms = fisher_lib.ScoringTerms.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
             )
@@ -267,7 +275,7 @@ class LWFCallback(TrainerCallback):
         """The ``early`` ablation: all ascent steps before fine-tuning, scored with the empirical Fisher."""
         config = self.config
         examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed)
-        curvature, delta = fisher_lib.empirical_fisher(model, examples)
+        curvature, delta = fisher_lib.empirical_fisher(model, examples, chunk_elements=config.lwf_score_chunk_size)
         for g in delta.values():
             g.mul_(-args.learning_rate)  # D = -eta * mean learning gradient, in place
         terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio)
@@ -285,6 +293,7 @@ class LWFCallback(TrainerCallback):
         scores = score_self_data(
             model, self.self_data, self._pad_id, terms, None, lr,
             mode=config.lwf_confidence, batch_size=config.lwf_score_batch_size, show_progress=_show_progress(args),
+            chunk_elements=config.lwf_score_chunk_size,
         )
         finite = torch.isfinite(scores)
         if not finite.all():

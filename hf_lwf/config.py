@@ -147,6 +147,27 @@ class LWFConfig:
         },
     )
     lwf_score_batch_size: int = field(default=8, metadata={"help": "Step 3: self-generated samples per scoring batch."})
+    lwf_score_chunk_size: int = field(
+        default=1 << 25,
+        metadata={
+            "help": "Steps 2-3: most per-sample gradient numbers formed at once by scoring and the empirical Fisher "
+            "(large weights such as lm_head are processed in row blocks of this size; 2**25 fp32 numbers = 128 MiB)."
+        },
+    )
+    lwf_fisher_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "Step 2: storage dtype of the online Fisher F. 'bfloat16' halves its memory; measured on SmolLM2: "
+            "1.5e-4 relative score error, same ranking (docs/benchmarks.md)."
+        },
+    )
+    lwf_state_device: Literal["auto", "cpu"] = field(
+        default="auto",
+        metadata={
+            "help": "Where F and theta_ref live: 'auto' next to their parameters; 'cpu' in host memory, which frees "
+            "two parameter-sized fp32 buffers on the accelerator at the cost of a gradient copy to the host per step."
+        },
+    )
     lwf_seed: int = field(default=42, metadata={"help": "Seed of generation, selection and the D_U sampler."})
 
     def __post_init__(self):
@@ -168,6 +189,7 @@ class LWFConfig:
             "lwf_unlearn_steps",
             "lwf_unlearn_batch_size",
             "lwf_score_batch_size",
+            "lwf_score_chunk_size",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -179,6 +201,8 @@ class LWFConfig:
             "lwf_selection": ("top", "bottom", "random", "all"),
             "lwf_unlearn_optimizer": ("shared", "sgd"),
             "lwf_schedule": ("periodic", "early"),
+            "lwf_fisher_dtype": ("float32", "bfloat16"),
+            "lwf_state_device": ("auto", "cpu"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -60,16 +60,16 @@ class LWFState:
             "fisher_updates": self.fisher_updates,
         }
 
-    def place_like(self, parameters: dict[str, torch.Tensor]) -> None:
-        """Move every state tensor onto the device of the parameter it belongs to (after loading on CPU).
+    def place_like(self, parameters: dict[str, torch.Tensor], device: torch.device | str | None = None) -> None:
+        """Move every state tensor onto ``device``, or by default the device of its parameter (after loading on CPU).
 
-        The dtype stays as saved: a fresh run keeps these tensors in fp32 whatever the parameters' dtype.
+        The dtype stays as saved: it is the one a fresh run chose (fp32, or ``lwf_fisher_dtype`` for F).
         """
         for group in _TENSOR_GROUPS:
             tensors = getattr(self, group)
             for name, tensor in tensors.items():
                 if name in parameters:
-                    tensors[name] = tensor.to(parameters[name].device)
+                    tensors[name] = tensor.to(device if device is not None else parameters[name].device)
 
     def scalars(self) -> dict[str, Any]:
         """The JSON part of the state."""

@@ -375,3 +375,27 @@ def test_max_steps_below_the_interval_warns_at_construction(tokenizer, tmp_path,
     with caplog.at_level("WARNING"):
         _trainer(tokenizer, lwf_args(tmp_path, max_steps=3, lwf_unlearn_every=5))
     assert "3 optimizer steps < lwf_unlearn_every=5" in caplog.text
+
+
+def test_memory_options_store_f_in_bf16_and_the_state_on_the_cpu_with_close_scores(tokenizer, tmp_path, monkeypatch):
+    import hf_lwf.confidence as confidence_module
+
+    chunks = []
+    real = confidence_module.per_sample_pass
+    monkeypatch.setattr(confidence_module, "per_sample_pass",
+                        lambda *a, **k: chunks.append(a[5]) or real(*a, **k))
+    reference = _trainer(tokenizer, lwf_args(tmp_path / "fp32", max_steps=2))
+    reference.train()
+    assert set(chunks) == {1 << 25}
+    chunks.clear()
+    small = _trainer(tokenizer, lwf_args(tmp_path / "small", max_steps=2, lwf_fisher_dtype="bfloat16",
+                                         lwf_state_device="cpu", lwf_score_chunk_size=64))
+    small.train()
+    assert set(chunks) == {64}
+    state = small.lwf_callback.lwf_state
+    assert {t.dtype for t in state.fisher.values()} == {torch.bfloat16}
+    assert {t.dtype for t in state.reference.values()} == {torch.float32}
+    assert {t.device.type for t in [*state.fisher.values(), *state.reference.values()]} == {"cpu"}
+    expected = torch.tensor(reference.lwf_callback.lwf_state.scores)
+    torch.testing.assert_close(torch.tensor(state.scores), expected, rtol=2e-2, atol=1e-3 * float(expected.abs().max()))
+    assert state.forget_indices == reference.lwf_callback.lwf_state.forget_indices

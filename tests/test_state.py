@@ -306,3 +306,9 @@ def test_run_summary_counts_what_ran():
     summary = _full_state().run_summary()
     assert summary == {"unlearn_points": 2, "idle_points": 1, "unlearn_steps": 4, "skipped_steps": 1,
                        "empty_selections": 0, "forgotten_samples": 3, "fisher_updates": 17}
+
+
+def test_place_like_keeps_the_state_where_it_is_told(tmp_path):
+    loaded = LWFState.load(_saved(tmp_path))
+    loaded.place_like({"lm_head.weight": torch.empty(1, device="meta")}, device="cpu")
+    assert loaded.fisher["lm_head.weight"].device.type == "cpu"
