@@ -408,15 +408,13 @@ def bench_end_to_end(model_name: str, quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def memory_child(model_name: str, kind: str, steps: int, every: int, variant: str) -> None:
+def memory_child(model_name: str, kind: str, steps: int, every: int) -> None:
     """Run in a child process: train ``steps`` steps (vanilla or LWF) and print the peak memory as JSON."""
     from transformers import Trainer
 
     from hf_lwf import LWFTrainer
     from hf_lwf.fisher import trainable_parameters
 
-    if variant == "no-fault-backup":
-        _without_fault_backup()
     model, tokenizer = load(model_name)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -431,42 +429,19 @@ def memory_child(model_name: str, kind: str, steps: int, every: int, variant: st
     print("MEMORY_JSON " + json.dumps({"peak_bytes": peak, "trainable_bytes": trainable}), flush=True)
 
 
-def _without_fault_backup():
-    """This branch's ``on_step_end`` still snapshots the weights as a fault backup; the pending callback change
-    removes it (D is computed from the live weights). This variant measures the memory without it."""
-    from hf_lwf.callback import LWFCallback
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
-                    train_dataloader=None, **kwargs):
-        every = self.config.lwf_unlearn_every
-        if self.config.lwf_schedule != "periodic" or state.global_step == 0 or state.global_step % every:
-            return
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-        self._unlearning_point(args, state, model, optimizer, train_dataloader, lr, None)
-        control.should_log = True
-
-    LWFCallback.on_step_end = on_step_end
-
-
 def bench_memory(model_name: str, steps: int = 12, every: int = 6) -> dict:
-    out = {"steps": steps, "unlearning_points": steps // every}
-    for variant in ("branch", "no-fault-backup"):
-        peaks = {}
-        for kind in ("vanilla", "lwf") if variant == "branch" else ("lwf",):
-            cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(torch.get_num_threads()), "--memory-child", model_name, kind, str(steps), str(every),
-                   variant]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY_JSON ")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"memory child failed: {proc.stderr[-3000:]}")
-            peaks[kind] = json.loads(line[0].split(" ", 1)[1])
-        if variant == "branch":
-            vanilla = peaks["vanilla"]["peak_bytes"]
-            out["vanilla_peak_bytes"], out["trainable_bytes"] = vanilla, peaks["vanilla"]["trainable_bytes"]
-        lwf = peaks["lwf"]["peak_bytes"]
-        out[variant] = {"lwf_peak_bytes": lwf,
-                        "added_over_trainable_bytes": (lwf - out["vanilla_peak_bytes"]) / out["trainable_bytes"]}
-    return out
+    peaks = {}
+    for kind in ("vanilla", "lwf"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(torch.get_num_threads()), "--memory-child",
+               model_name, kind, str(steps), str(every)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY_JSON ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"memory child failed: {proc.stderr[-3000:]}")
+        peaks[kind] = json.loads(line[0].split(" ", 1)[1])
+    vanilla, trainable, lwf = peaks["vanilla"]["peak_bytes"], peaks["vanilla"]["trainable_bytes"], peaks["lwf"]["peak_bytes"]
+    return {"steps": steps, "unlearning_points": steps // every, "vanilla_peak_bytes": vanilla,
+            "trainable_bytes": trainable, "lwf_peak_bytes": lwf, "added_over_trainable_bytes": (lwf - vanilla) / trainable}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -488,10 +463,7 @@ TARGETS = [  # (label, path in the model's results, target, baseline description
      "vanilla Trainer step"),
     ("end-to-end, demo schedule", ("end_to_end", "ratio"), 1.15, "vanilla Trainer run"),
     ("end-to-end, demo --quick schedule", ("end_to_end_quick", "ratio"), None, "vanilla Trainer run"),
-    ("added peak memory (this branch)", ("memory", "branch", "added_over_trainable_bytes"), 2.0,
-     "trainable-parameter bytes"),
-    ("added peak memory (without the fault backup)", ("memory", "no-fault-backup", "added_over_trainable_bytes"), 2.0,
-     "trainable-parameter bytes"),
+    ("added peak memory", ("memory", "added_over_trainable_bytes"), 2.0, "trainable-parameter bytes"),
     ("F in bf16: max relative score error", ("scoring", "bf16_fisher_max_relative_score_error"), None, "fp32 F"),
     ("F in bf16: score rank correlation", ("scoring", "bf16_fisher_score_rank_correlation"), None, "fp32 F"),
     ("F and θ_ref in bf16: max relative score error", ("scoring", "bf16_fisher_and_reference_max_relative_score_error"),
@@ -571,8 +543,7 @@ def markdown(all_results: dict[str, dict]) -> str:
                 mm = r["memory"]
                 details.append(f"memory ({mm['steps']} steps, {mm['unlearning_points']} unlearning points): vanilla peak "
                                f"{mm['vanilla_peak_bytes'] / 2**20:.0f} MiB, trainable {mm['trainable_bytes'] / 2**20:.0f} MiB, "
-                               f"LWF peak {mm['branch']['lwf_peak_bytes'] / 2**20:.0f} MiB (this branch), "
-                               f"{mm['no-fault-backup']['lwf_peak_bytes'] / 2**20:.0f} MiB (without the fault backup)")
+                               f"LWF peak {mm['lwf_peak_bytes'] / 2**20:.0f} MiB")
             if details:
                 lines.append(f"**{m}** (torch threads: {r.get('torch_threads', '?')}): " + "; ".join(details) + ".")
                 lines.append("")
@@ -614,14 +585,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick-schedule", action="store_true",
                         help="end_to_end on the demo's --quick schedule instead of its full one.")
     parser.add_argument("--report-only", action="store_true", help="Regenerate docs/benchmarks.md from the JSON files.")
-    parser.add_argument("--memory-child", nargs=5, metavar=("MODEL", "KIND", "STEPS", "EVERY", "VARIANT"),
+    parser.add_argument("--memory-child", nargs=4, metavar=("MODEL", "KIND", "STEPS", "EVERY"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        model, kind, steps, every, variant = args.memory_child
-        memory_child(model, kind, int(steps), int(every), variant)
+        model, kind, steps, every = args.memory_child
+        memory_child(model, kind, int(steps), int(every))
         return
     results_dir, docs_path = os.path.join(HERE, "results"), os.path.join(ROOT, "docs", "benchmarks.md")
     os.makedirs(results_dir, exist_ok=True)
