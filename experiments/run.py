@@ -1,0 +1,460 @@
+"""Config-driven, resumable experiment runner: fine-tune on a learning task with or without forgetting, score with lm-eval.
+
+One run = (learning task, forgetting setting, method, seed); it writes one JSON file to ``--results_dir`` and is
+skipped when that file exists, so a grid can be run in chunks across sessions (``--max_minutes``).
+
+    # one cell, one seed
+    python -m experiments.run --learn sst5 --forget dental --method vanilla lwf --seed 0 1 2
+    # a grid from a config, resumable, at most 60 minutes of new runs
+    python -m experiments.run --config experiments/configs/core.yaml --max_minutes 60
+
+See ``experiments/README.md`` for the tasks, splits, methods and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments" / "tasks"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+import utils as task_utils  # noqa: E402  (experiments/tasks/utils.py, shared with the lm-eval YAMLs)
+
+
+DEFAULT_RESULTS = REPO / "experiments" / "results" / "runs"
+FORGET_ALIASES = {"mixed": ("dental", "psychol")}
+# Methods that do not use the forgetting task: one run per (learning task, seed) serves every forgetting setting.
+FORGET_FREE = ("base", "vanilla", "l2sp", "bss")
+METHODS: dict[str, dict[str, Any]] = {
+    "base": {},                                   # the pre-trained model, no training ("before")
+    "vanilla": {},                                # plain fine-tuning
+    "lwf": {},                                    # LWF with the package defaults (deviation confidence)
+    "lwf_alignment": {"lwf_confidence": "alignment"},
+    "lwf_random": {"lwf_selection": "random"},    # ablation: random selection of the same size
+    "lwf_bottom": {"lwf_selection": "bottom"},    # ablation: lowest confidence
+    "lwf_early": {"lwf_schedule": "early"},       # ablation: all ascent steps before fine-tuning
+    "lwf_sgd": {"lwf_unlearn_optimizer": "sgd"},  # separate SGD for the ascent steps (lr = lwf_unlearn_lr)
+    "ga_all": {"lwf_selection": "all"},           # gradient ascent on all of D_self (unlearning-library baseline)
+    "l2sp": {},                                   # hf_lwf.baselines.L2SP
+    "bss": {},                                    # hf_lwf.baselines.BSS
+}
+
+# The core grid's settings (configs/core.yaml repeats them): sized for SmolLM2-135M on CPU, see experiments/README.md.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "max_steps": 16,
+    "batch_size": 8,
+    "learning_rate": 1e-4,
+    "warmup_steps": 2,
+    "lr_scheduler_type": "linear",
+    "weight_decay": 0.0,
+    "max_length": 256,
+    "n_eval_learn": 150,
+    "n_eval_forget": 100,
+    "forget_eval": ["dental", "psychol"],
+    "eval_batch_size": 16,
+    "gsm8k_max_gen_toks": 256,
+    "n_forget_prompts": 24,
+    "threads": 1,
+    "l2sp_alpha": 0.01,
+    "bss_eta": 0.001,
+    "bss_k": 1,
+    "lwf_unlearn_every": 5,
+    "lwf_samples_per_prompt": 1,
+    "lwf_max_new_tokens": 48,
+    "lwf_generation_batch_size": 12,
+    "lwf_unlearn_lr": 0.1,  # lwf_sgd only (optimizer_probe.py)
+}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def forget_tasks(forget: str) -> tuple[str, ...]:
+    """``"dental"`` -> ``("dental",)``; ``"mixed"`` or ``"dental+psychol"`` -> both; ``"none"`` -> ``()``."""
+    if forget == "none":
+        return ()
+    names = FORGET_ALIASES.get(forget, tuple(forget.split("+")))
+    for name in names:
+        if name not in task_utils.FILES:
+            raise ValueError(f"Unknown forgetting task {name!r}; choose from {', '.join(task_utils.FILES)} or mixed.")
+    return names
+
+
+def load_split(task: str, data_dir: str, split: str):
+    """The ``train`` or ``test`` split of ``task`` from local JSON Lines, loaded with ``datasets``."""
+    from datasets import load_dataset
+
+    if task not in task_utils.FILES:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(task_utils.FILES)}.")
+    path = os.path.join(data_dir, task_utils.FILES[task][0 if split == "train" else 1])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{task}: no data file {path} (see --data_dir).")
+    dataset = load_dataset("json", data_files=path, split="train")
+    if task in ("dental", "psychol"):
+        dataset = dataset.filter(lambda d: d["answer"] is not None)
+    return task_utils.split_docs(dataset, task, split)
+
+
+def encode_example(tokenizer, context: str, continuation: str, max_length: int, eos: bool) -> dict[str, list[int]]:
+    """Token ids of ``context + continuation`` with the context masked, split as lm-eval splits them."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if eos and tokenizer.eos_token_id is not None:
+        whole = whole + [tokenizer.eos_token_id]
+    labels = [-100] * context_len + whole[context_len:]
+    ids, labels = whole[-max_length:], labels[-max_length:]  # keep the answer; cut the prompt's start if needed
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def learning_dataset(task: str, tokenizer, data_dir: str, n: int, seed: int, max_length: int):
+    """``n`` training examples of ``task`` drawn with ``seed``, formatted exactly as lm-eval scores them."""
+    from datasets import Dataset
+
+    docs = load_split(task, data_dir, "train").shuffle(seed=seed)
+    docs = docs.select(range(min(n, len(docs))))
+    rows = [encode_example(tokenizer, task_utils.DOC_TO_TEXT[task](d), " " + task_utils.target_text(task, d),
+                           max_length, eos=task == "gsm8k") for d in docs]
+    return Dataset.from_list(rows)
+
+
+def forget_prompts(forget: str, data_dir: str, n_total: int) -> dict[str, list[str]]:
+    """The forgetting prompts, ``n_total`` split evenly over the tasks: questions of their *training* splits."""
+    tasks = forget_tasks(forget)
+    per_task = max(1, n_total // len(tasks))
+    prompts = {}
+    for task in tasks:
+        docs = load_split(task, data_dir, "train")
+        prompts[task] = [task_utils.DOC_TO_TEXT[task](docs[i]) for i in range(min(per_task, len(docs)))]
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    learn: str
+    forget: str
+    method: str
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.learn}__{self.forget}__{self.method}__s{self.seed}"
+
+
+def make_spec(learn: str, forget: str, method: str, seed: int) -> RunSpec:
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    if learn not in task_utils.FILES:
+        raise ValueError(f"Unknown learning task {learn!r}; choose from {', '.join(task_utils.FILES)}.")
+    if method in FORGET_FREE:
+        forget = "none"
+    elif forget == "none":
+        raise ValueError(f"Method {method!r} needs a forgetting task (--forget).")
+    else:
+        if learn in forget_tasks(forget):
+            raise ValueError(f"The learning task {learn!r} cannot also be a forgetting task.")
+    if method == "base":
+        seed = 0  # deterministic: one evaluation serves every seed
+    return RunSpec(learn, forget, method, int(seed))
+
+
+def load_model(model: str | None):
+    """``(model, tokenizer, name)``: SmolLM2-135M-Instruct by default, else a Hub id or local directory."""
+    from hf_lwf.models import load_model_and_tokenizer, load_smollm2
+
+    if model is None:
+        m, tok = load_smollm2()
+        name = "SmolLM2-135M-Instruct"
+    else:
+        m, tok = load_model_and_tokenizer(model)
+        name = model
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return m, tok, name
+
+
+def _training_args(spec: RunSpec, settings: dict[str, Any], output_dir: str, prompts):
+    from hf_lwf import LWFTrainingArguments
+    from transformers import TrainingArguments
+
+    common = dict(
+        max_steps=settings["max_steps"], per_device_train_batch_size=settings["batch_size"],
+        learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"],
+        lr_scheduler_type=settings["lr_scheduler_type"], weight_decay=settings["weight_decay"],
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        seed=spec.seed, data_seed=spec.seed, dataloader_pin_memory=False,
+    )
+    if spec.method in FORGET_FREE:
+        return TrainingArguments(output_dir, **common)
+    lwf = {k: v for k, v in settings.items() if k.startswith("lwf_") and v is not None}
+    lwf.update(METHODS[spec.method])
+    if lwf.get("lwf_unlearn_optimizer") == "sgd":
+        lwf.setdefault("lwf_unlearn_lr", settings["learning_rate"])
+    elif "lwf_unlearn_lr" in lwf:
+        del lwf["lwf_unlearn_lr"]
+    return LWFTrainingArguments(output_dir, **common, **lwf, lwf_forget_prompts=prompts, lwf_seed=spec.seed)
+
+
+def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: str, work_dir: str) -> dict[str, Any]:
+    """Fine-tune ``model`` in place with the run's method; return what to record about training."""
+    from transformers import Trainer
+
+    from hf_lwf import LWFTrainer
+    from hf_lwf.baselines import BSS, L2SP, RegularizedTrainer
+    from hf_lwf.learning_data import LearningCollator
+    from hf_lwf.report import lwf_summary
+
+    n_train = settings["max_steps"] * settings["batch_size"]
+    dataset = learning_dataset(spec.learn, tokenizer, data_dir, n_train, spec.seed, settings["max_length"])
+    prompts = None if spec.method in FORGET_FREE else forget_prompts(spec.forget, data_dir, settings["n_forget_prompts"])
+    args = _training_args(spec, settings, os.path.join(work_dir, spec.run_id), prompts)
+    kwargs = dict(model=model, args=args, train_dataset=dataset, data_collator=LearningCollator(tokenizer.pad_token_id),
+                  processing_class=tokenizer)
+    if spec.method == "vanilla":
+        trainer = Trainer(**kwargs)
+    elif spec.method == "l2sp":
+        trainer = RegularizedTrainer(**kwargs, regularizers=[L2SP(l2sp_alpha=settings["l2sp_alpha"])])
+    elif spec.method == "bss":
+        trainer = RegularizedTrainer(**kwargs, regularizers=[BSS(bss_eta=settings["bss_eta"], bss_k=settings["bss_k"])])
+    else:
+        trainer = LWFTrainer(**kwargs)
+    start = time.perf_counter()
+    trainer.train()
+    record: dict[str, Any] = {
+        "train_seconds": time.perf_counter() - start,
+        "train_examples": len(dataset),
+        "log_history": trainer.state.log_history,
+    }
+    if isinstance(trainer, LWFTrainer):
+        summary = lwf_summary(trainer.lwf_callback, text_chars=120)
+        summary.pop("config", None)
+        for item in summary.get("forgotten", []):
+            item.pop("prompt", None)  # dataset text stays in the data directory; the model's own answer is kept
+        record["lwf"] = summary
+        record["lwf_config"] = trainer.lwf_callback.config.lwf_dict()
+        record["lwf_config"]["lwf_forget_prompts"] = {  # described, not copied: the text stays in the data directory
+            task: f"{len(p)} prompts: doc_to_text of the first {len(p)} MD5-ordered items of the {task} training split"
+            for task, p in prompts.items()}
+    del trainer
+    gc.collect()
+    return record
+
+
+def run_one(spec: RunSpec, settings: dict[str, Any], data_dir: str, eval_data_dir: str | None, results_dir: str,
+            model_name: str | None = None, work_dir: str | None = None, loaded=None) -> dict[str, Any]:
+    """Train and evaluate one run and write ``<results_dir>/<run_id>.json``; returns the record."""
+    from experiments.evaluation import evaluate
+
+    torch.set_num_threads(int(settings["threads"]))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if loaded is None:
+        model, tokenizer, name = load_model(model_name)
+    else:
+        base_model, tokenizer, name = loaded
+        model = copy.deepcopy(base_model)
+    torch.manual_seed(spec.seed)
+    work_dir = work_dir or tempfile.mkdtemp(prefix="hf_lwf_exp_")
+    record: dict[str, Any] = {"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "model": name,
+                              "settings": settings, "data_dir": os.path.abspath(data_dir),
+                              "eval_data_dir": os.path.abspath(eval_data_dir or data_dir)}
+    try:
+        if spec.method != "base":
+            record["train"] = train(spec, model, tokenizer, settings, data_dir, work_dir)
+        eval_dir = eval_data_dir or data_dir
+        whole = eval_data_dir is not None and os.path.abspath(eval_data_dir) != os.path.abspath(data_dir)
+        start = time.perf_counter()
+        common = dict(data_dir=eval_dir, batch_size=settings["eval_batch_size"], whole_files=whole,
+                      max_gen_toks=settings["gsm8k_max_gen_toks"], seed=spec.seed)
+        scores = evaluate(model, tokenizer, [spec.learn], limit=settings["n_eval_learn"], **common)
+        others = [t for t in settings["forget_eval"] if t != spec.learn]
+        if others:
+            scores.update(evaluate(model, tokenizer, others, limit=settings["n_eval_forget"], **common))
+        record["eval"] = scores
+        record["eval_seconds"] = time.perf_counter() - start
+    finally:
+        shutil.rmtree(os.path.join(work_dir, spec.run_id), ignore_errors=True)
+        del model
+        gc.collect()
+    record["total_seconds"] = time.perf_counter() - started
+    record["cpu_seconds"] = time.process_time() - cpu_started  # all threads of this process; wall time varies with load
+    record["versions"] = _versions()
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{spec.run_id}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+    return record
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _versions() -> dict[str, str]:
+    import lm_eval
+    import transformers
+
+    import hf_lwf
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "lm_eval": lm_eval.__version__, "hf_lwf": hf_lwf.__version__, "threads": str(torch.get_num_threads())}
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def load_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    unknown = set(config) - {"model", "settings", "grid", "description"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (allowed: model, settings, grid, description).")
+    return config
+
+
+def grid_specs(grid: list[dict[str, Any]]) -> list[RunSpec]:
+    """Runs of a grid in priority order: block by block, cell by cell, seed by seed, then method; no duplicates."""
+    specs, seen = [], set()
+    for block in grid:
+        for learn, forget in itertools.product(block["learn"], block.get("forget", ["none"])):
+            for seed in block["seeds"]:
+                for method in block["methods"]:
+                    spec = make_spec(learn, forget, method, seed)
+                    if spec not in seen:
+                        seen.add(spec)
+                        specs.append(spec)
+    return specs
+
+
+def merged_settings(config_settings: dict[str, Any] | None, overrides: list[str]) -> dict[str, Any]:
+    """The default settings, updated by the config's ``settings`` and then by ``--set key=value`` overrides."""
+    settings = dict(DEFAULT_SETTINGS)
+    for source in (config_settings or {}), dict(_parse_override(o) for o in overrides):
+        for key, value in source.items():
+            if key not in settings and not key.startswith("lwf_"):
+                raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(settings))} and lwf_* fields.")
+            settings[key] = value
+    return settings
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}.")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def claim(results_dir: str, run_id: str) -> bool:
+    """Take ``<run_id>.lock`` so that parallel workers never start the same run; a dead owner's lock is taken over."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{run_id}.lock")
+    owner = f"{platform.node()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    host, pid = f.read().strip().rsplit(":", 1)
+            except (OSError, ValueError):
+                return False
+            if host != platform.node() or _alive(int(pid)):
+                return False
+            os.remove(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(owner)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML grid config (experiments/configs/*.yaml); with --learn only its model "
+                        "and settings are used.")
+    parser.add_argument("--learn", help="Learning task of a single run: " + ", ".join(task_utils.FILES))
+    parser.add_argument("--forget", default="none", help="Forgetting task(s): dental, psychol, ..., mixed, a+b.")
+    parser.add_argument("--method", nargs="+", default=["vanilla", "lwf"], help="Method(s): " + ", ".join(METHODS))
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="Seed(s) of a single cell.")
+    parser.add_argument("--model", default=None, help="Hub id or local dir (default: SmolLM2-135M-Instruct offline).")
+    parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="Training data (JSON Lines).")
+    parser.add_argument("--eval_data_dir", default=None,
+                        help="Evaluation files (same names and schema); every item of each file is then evaluated.")
+    parser.add_argument("--results_dir", default=str(DEFAULT_RESULTS), help="One JSON per run is written here.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a setting.")
+    parser.add_argument("--max_minutes", type=float, default=None, help="Start no new run after this many minutes.")
+    parser.add_argument("--dry_run", action="store_true", help="List pending runs and exit.")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config) if args.config else {}
+    settings = merged_settings(config.get("settings"), args.set)
+    model_name = args.model or config.get("model")
+    if args.learn:  # one cell; a --config then only supplies the model and settings
+        specs = grid_specs([{"learn": [args.learn], "forget": [args.forget], "methods": args.method, "seeds": args.seed}])
+    elif args.config:
+        specs = grid_specs(config.get("grid") or [])
+    else:
+        parser.error("give --config or --learn")
+    pending = [s for s in specs if not os.path.isfile(os.path.join(args.results_dir, f"{s.run_id}.json"))]
+    print(f"[experiments] {len(specs)} runs, {len(specs) - len(pending)} finished, {len(pending)} pending", flush=True)
+    if args.dry_run:
+        for spec in pending:
+            print("  " + spec.run_id)
+        return 0
+    if not pending:
+        return 0
+    torch.set_num_threads(int(settings["threads"]))
+    loaded = load_model(model_name)
+    started = time.time()
+    for i, spec in enumerate(pending):
+        if args.max_minutes is not None and time.time() - started > args.max_minutes * 60:
+            print(f"[experiments] time budget reached; {len(pending) - i} runs left for the next session", flush=True)
+            break
+        if os.path.isfile(os.path.join(args.results_dir, f"{spec.run_id}.json")) or not claim(args.results_dir, spec.run_id):
+            continue  # finished or running in another worker
+        t = time.time()
+        print(f"[experiments] {i + 1}/{len(pending)} {spec.run_id} ...", flush=True)
+        try:
+            record = run_one(spec, settings, args.data_dir, args.eval_data_dir, args.results_dir, loaded=loaded)
+        finally:
+            os.remove(os.path.join(args.results_dir, f"{spec.run_id}.lock"))
+        scores = ", ".join(f"{k} {v['score']:.3f}" for k, v in record["eval"].items())
+        print(f"[experiments] done {spec.run_id} in {time.time() - t:.0f}s: {scores}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

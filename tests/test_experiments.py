@@ -1,0 +1,302 @@
+"""experiments/: the lm-eval task YAMLs, answer extraction, splits and the runner end to end on a tiny model."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tokenizer, tiny_llama
+
+
+REPO = Path(__file__).resolve().parent.parent
+pytest.importorskip("lm_eval", reason="the experiments need the [experiments] extra (lm-eval)")
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments" / "tasks"))
+
+import utils as task_utils  # noqa: E402
+from experiments import evaluation, run  # noqa: E402
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_data(root: Path, n: int = 8, tag: str = "") -> Path:
+    """Hand-made files for every task, in the schema of /work/shared/data."""
+    mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {i}?", "options": ["molar", "canine", "incisor", "premolar"],
+            "answer": i % 4, "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"} for i in range(n)]
+    _write(root / "dental" / "validation.jsonl", mcq)
+    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {i}?")
+                                            for i, r in enumerate(mcq)])
+    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {i} .", "label": i % 5,
+                                             "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
+    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {i} .", "label": i % 5,
+                                            "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
+    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {i}?",
+                                          "choices": list("abcdefgh"), "choice_labels": list("ABCDEFGH"),
+                                          "answerKey": "ABCDEFGH"[i % 8], "answer_index": i % 8} for i in range(n)])
+    gsm = [{"id": f"{tag}g{i}", "question": f"Tom has {i} apples and buys 2. How many?",
+            "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "final_answer": str(i + 2)} for i in range(n)]
+    _write(root / "gsm8k" / "train.jsonl", gsm)
+    _write(root / "gsm8k" / "test.jsonl", gsm)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ answer extraction
+@pytest.mark.parametrize("text, expected", [
+    ("5 + 3 = 8\n#### 8", "8"),
+    ("so she pays $1,200.", "1200"),
+    ("first 3.50, then 7.0 in total", "7"),
+    ("#### -4 apples, not 9", "-4"),
+    ("2 + 2 = 4. The answer is 4.\n\nQuestion: 5 more", "5"),  # the last number wins without ####
+    ("no number here", None),
+])
+def test_extract_final_number(text, expected):
+    assert task_utils.extract_final_number(text) == expected
+
+
+def test_gsm8k_process_results():
+    doc = {"final_answer": "1,200"}
+    assert task_utils.gsm8k_process_results(doc, ["... so $1200"]) == {"exact_match": 1.0}
+    assert task_utils.gsm8k_process_results(doc, ["... so 120"]) == {"exact_match": 0.0}
+    assert task_utils.gsm8k_process_results(doc, [""]) == {"exact_match": 0.0}
+
+
+def test_hash_split_is_disjoint_deterministic_and_order_free():
+    from datasets import Dataset
+
+    rows = [{"id": f"x{i}", "v": i} for i in range(700)]
+    ds = Dataset.from_list(rows)
+    test = task_utils.split_docs(ds, "dental", "test")
+    train = task_utils.split_docs(ds, "dental", "train")
+    assert len(test) == 300 and len(train) == 400
+    assert not set(test["id"]) & set(train["id"])
+    shuffled = task_utils.split_docs(ds.shuffle(seed=1), "dental", "test")
+    assert shuffled["id"] == test["id"]
+
+
+# ------------------------------------------------------------------------------------------ task YAMLs
+def _build(task, data_dir, whole=False):
+    from lm_eval.tasks import TaskManager
+
+    loaded = TaskManager(include_defaults=False).load([evaluation.task_config(task, str(data_dir), whole)])
+    return loaded["tasks"][f"lwf_{task}"]
+
+
+def test_yaml_multiple_choice_tasks_on_hand_made_files(tmp_path):
+    data = make_data(tmp_path / "data", n=8)
+    dental = _build("dental", data)
+    docs = list(dental.test_docs())
+    assert len(docs) == 4  # the MD5-first half of 8 items (300 on real data)
+    doc = docs[0]
+    options = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(doc["options"]))
+    assert dental.doc_to_text(doc) == f"Question: {doc['question']}\n{options}\nAnswer:"
+    assert dental.doc_to_choice(doc) == ["A", "B", "C", "D"]
+    assert dental.doc_to_target(doc) == doc["answer"]
+    assert dental.OUTPUT_TYPE == "multiple_choice"
+    sst5 = _build("sst5", data)
+    sdoc = list(sst5.test_docs())[0]
+    assert sst5.doc_to_choice(sdoc)[sst5.doc_to_target(sdoc)] == sdoc["label_text"]
+    assert sdoc["id"].startswith("t")  # the test file, not train
+    qasc = _build("qasc", data)
+    qdoc = list(qasc.test_docs())[0]
+    assert qasc.doc_to_choice(qdoc)[qasc.doc_to_target(qdoc)] == qdoc["answerKey"]
+    train_ids = set(run.load_split("qasc", str(data), "train")["id"])
+    assert not train_ids & {d["id"] for d in qasc.test_docs()}
+    # a separate evaluation directory: every item of its file is evaluated
+    assert len(list(_build("dental", data, whole=True).test_docs())) == 8
+
+
+def test_yaml_gsm8k_is_generate_until_with_final_number_scoring(tmp_path):
+    data = make_data(tmp_path / "data", n=4)
+    gsm = _build("gsm8k", data)
+    assert gsm.OUTPUT_TYPE == "generate_until"
+    doc = list(gsm.test_docs())[0]
+    assert gsm.doc_to_text(doc) == f"Question: {doc['question']}\nAnswer:"
+    assert gsm.process_results(doc, [f"so {doc['final_answer']}"]) == {"exact_match": 1.0}
+    assert gsm.process_results(doc, ["so 99999"]) == {"exact_match": 0.0}
+
+
+def test_training_example_matches_what_lm_eval_scores(tmp_path):
+    tok = build_tokenizer()
+    data = make_data(tmp_path / "data", n=8)
+    doc = run.load_split("sst5", str(data), "train")[0]
+    context = task_utils.sst5_doc_to_text(doc)
+    target = " " + task_utils.target_text("sst5", doc)
+    ex = run.encode_example(tok, context, target, max_length=512, eos=False)
+    trained = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
+    assert tok.decode(trained) == target
+    assert tok.decode(ex["input_ids"]) == context + target
+
+
+def test_choice_stats_hand_computed():
+    import math
+
+    samples = [{"filtered_resps": [(math.log(0.5), True), (math.log(0.25), False), (math.log(0.25), False)],
+                "target": 1},
+               {"filtered_resps": [(-3.0, False), (-1.0, True)], "target": 1}]
+    stats = evaluation.choice_stats(samples)
+    assert stats["preds"] == [0, 1]
+    assert stats["gold_probs"][0] == pytest.approx(0.25)
+    assert stats["gold_probs"][1] == pytest.approx(1 / (1 + math.exp(-2)))
+    assert stats["pred_counts"] == {"0": 1, "1": 1}
+
+
+# ------------------------------------------------------------------------------------------ runner
+TINY = {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "max_length": 64,
+        "n_eval_learn": 3, "n_eval_forget": 2, "forget_eval": ["dental", "psychol"], "eval_batch_size": 4,
+        "gsm8k_max_gen_toks": 4, "n_forget_prompts": 4, "lwf_unlearn_every": 1, "lwf_max_new_tokens": 4,
+        "lwf_generation_batch_size": 4, "lwf_forget_loss_cap": 50.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    tok = build_tokenizer(chat_template=True)
+    model = tiny_llama(len(tok))
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return root, make_data(root / "data"), str(model_dir)
+
+
+@pytest.mark.parametrize("method, forget", [
+    ("base", "none"), ("vanilla", "none"), ("lwf", "dental"), ("lwf_alignment", "mixed"), ("lwf_random", "dental"),
+    ("lwf_bottom", "dental"), ("lwf_early", "dental"), ("lwf_sgd", "dental"), ("ga_all", "mixed"),
+    ("l2sp", "none"), ("bss", "none"),
+])
+def test_runner_one_run_per_method(tiny_setup, method, forget):
+    root, data, model_dir = tiny_setup
+    settings = run.merged_settings(TINY, [])
+    spec = run.make_spec("sst5", forget, method, 1)
+    results = root / "results"
+    record = run.run_one(spec, settings, str(data), None, str(results), model_name=model_dir,
+                         work_dir=str(root / "work"))
+    saved = json.loads((results / f"{spec.run_id}.json").read_text())
+    assert saved["run_id"] == spec.run_id == record["run_id"]
+    assert set(saved["eval"]) == {"sst5", "dental", "psychol"}
+    assert len(saved["eval"]["sst5"]["items"]) == 3 and len(saved["eval"]["dental"]["items"]) == 2
+    for task in saved["eval"].values():
+        assert task["score"] == pytest.approx(sum(task["items"]) / len(task["items"]))
+        assert task["items"] == [float(p == int(t)) for p, t in zip(task["preds"], task["targets"])]
+        assert all(0 < g < 1 for g in task["gold_probs"])
+    if method == "base":
+        assert "train" not in saved and spec.seed == 0
+        return
+    losses = [e["loss"] for e in saved["train"]["log_history"] if "loss" in e]
+    assert len(losses) == 2
+    if method.startswith("lwf") or method == "ga_all":
+        lwf = saved["train"]["lwf"]
+        assert sum(lwf["self_data_sizes"].values()) > 0
+        assert lwf["unlearn_steps"] + lwf["skipped_steps"] >= 1
+        if forget == "mixed":
+            assert set(lwf["self_data_sizes"]) == {"dental", "psychol"}
+        if method == "ga_all":
+            assert len(lwf["forget_indices"]) == sum(lwf["self_data_sizes"].values())
+    if method in ("l2sp", "bss"):
+        assert any(f"baseline/{method}" in e for e in saved["train"]["log_history"])
+
+
+def test_runner_cli_resumes_and_swaps_eval_files(tiny_setup, capsys):
+    root, data, model_dir = tiny_setup
+    other = make_data(root / "eval_data", n=5, tag="e")
+    results = root / "cli_results"
+    config = root / "grid.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"model": model_dir, "settings": TINY, "grid": [
+        {"learn": ["qasc"], "forget": ["dental"], "methods": ["vanilla", "lwf"], "seeds": [0]}]}))
+    argv = ["--config", str(config), "--data_dir", str(data), "--results_dir", str(results),
+            "--eval_data_dir", str(other), "--set", "n_eval_learn=10"]
+    assert run.main(argv) == 0
+    files = sorted(os.listdir(results))
+    assert files == ["qasc__dental__lwf__s0.json", "qasc__none__vanilla__s0.json"]
+    record = json.loads((results / files[0]).read_text())
+    assert record["settings"]["n_eval_learn"] == 10
+    assert record["eval"]["qasc"]["doc_ids"] and all(d.startswith("e") for d in record["eval"]["qasc"]["doc_ids"])
+    assert len(record["eval"]["qasc"]["items"]) == 5  # the whole separate evaluation file
+    mtime = os.path.getmtime(results / files[0])
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert "2 finished, 0 pending" in capsys.readouterr().out
+    assert os.path.getmtime(results / files[0]) == mtime
+
+
+def test_make_spec_validation():
+    with pytest.raises(ValueError, match="method"):
+        run.make_spec("sst5", "dental", "nope", 0)
+    with pytest.raises(ValueError, match="forgetting task"):
+        run.make_spec("sst5", "none", "lwf", 0)
+    with pytest.raises(ValueError, match="cannot also be"):
+        run.make_spec("dental", "mixed", "lwf", 0)
+    assert run.make_spec("sst5", "dental", "vanilla", 2).run_id == "sst5__none__vanilla__s2"
+    with pytest.raises(ValueError, match="Unknown setting"):
+        run.merged_settings({"nope": 1}, [])
+
+
+# ------------------------------------------------------------------------------------------ summary statistics
+def test_sign_test_hand_computed():
+    from experiments.summarize import sign_test
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)  # 2 * 0.5**5
+    assert sign_test(3, 1) == pytest.approx(2 * 5 / 16)  # 2 * (C(4,0)+C(4,1)) / 2**4
+    assert sign_test(2, 2) == 1.0
+
+
+def test_paired_stats_hand_computed():
+    import numpy as np
+
+    from experiments.summarize import paired_stats
+
+    method = np.array([[1, 1, 0, 1], [1, 0, 0, 1]])
+    vanilla = np.array([[0, 1, 0, 1], [0, 0, 1, 1]])
+    stats = paired_stats(method, vanilla, n_boot=2000)
+    # per item, seed-averaged differences: [1, 0, -0.5, 0] -> mean 0.125; 1 item better, 1 worse
+    assert stats["delta"] == pytest.approx(0.125)
+    assert (stats["items_better"], stats["items_worse"]) == (1, 1)
+    assert stats["p_sign"] == 1.0
+    assert stats["ci_low"] <= 0.125 <= stats["ci_high"]
+    same = paired_stats(vanilla, vanilla, n_boot=100)
+    assert same["delta"] == 0 and same["p_bootstrap"] == 1.0
+
+
+def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
+    from experiments import summarize
+
+    root, data, model_dir = tiny_setup
+    settings = run.merged_settings(TINY, [])
+    results = tmp_path / "res"
+    for method, forget, seed in (("vanilla", "none", 0), ("vanilla", "none", 1), ("lwf", "dental", 0),
+                                 ("lwf", "dental", 1), ("base", "none", 0)):
+        run.run_one(run.make_spec("sst5", forget, method, seed), settings, str(data), None, str(results / "runs"),
+                    model_name=model_dir, work_dir=str(root / "work"))
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nhand-written text stays\n")
+    assert summarize.main(["--results_dir", str(results), "--docs", str(docs)]) == 0
+    main_csv = (results / "main.csv").read_text().splitlines()
+    assert len(main_csv) == 2 and main_csv[1].startswith("sst5,dental,lwf,2,")
+    text = docs.read_text()
+    assert "hand-written text stays" in text and summarize.BEGIN in text and "sst5__dental__lwf__s1" in text
+    assert (tmp_path / "results_delta.png").exists()
+
+
+def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):
+    from experiments import optimizer_probe
+
+    root, data, model_dir = tiny_setup
+    out = tmp_path / "probe.json"
+    assert optimizer_probe.main(["--model", model_dir, "--data_dir", str(data), "--seeds", "0", "--learn_steps", "2",
+                                 "--batch_size", "2", "--n_prompts", "8", "--sgd_lrs", "0.1", "--cap", "50",
+                                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    options = report["seeds"][0]["options"]
+    assert [o["optimizer"] for o in options] == ["shared", "sgd"]
+    for o in options:
+        step = o["steps"][0]
+        assert step["update_norm"] > 0 and -1 <= step["cos_ascent_direction"] <= 1
+    # plain SGD moves exactly along the (clipped) ascent direction
+    assert options[1]["steps"][0]["cos_ascent_direction"] == pytest.approx(1.0, abs=1e-2)
