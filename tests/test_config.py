@@ -128,7 +128,8 @@ def test_defaults():
         lwf_confidence_threshold=0.0, lwf_forget_ratio=None, lwf_forget_top_k=None, lwf_selection="top",
         lwf_per_task_selection=False, lwf_unlearn_every=50, lwf_unlearn_steps=1, lwf_unlearn_batch_size=4,
         lwf_unlearn_coef=1.0, lwf_forget_loss_cap=5.0, lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None,
-        lwf_rescore_every=0, lwf_schedule="periodic", lwf_score_batch_size=8, lwf_seed=42,
+        lwf_rescore_every=0, lwf_schedule="periodic", lwf_score_batch_size=8, lwf_score_chunk_size=1 << 25,
+        lwf_fisher_dtype="float32", lwf_state_device="auto", lwf_seed=42,
     )
     assert {f.name for f in lwf_fields()} == set(expected)
     assert {f.name: getattr(config, f.name) for f in lwf_fields()} == expected
