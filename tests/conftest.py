@@ -78,6 +78,17 @@ def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request, tokenizer):
+    """Each tiny architecture in eval mode: Llama, and GPT-2 with its tied embeddings."""
+    m = MODELS[request.param](len(tokenizer), seed=1)
+    m.eval()
+    return m
+
+
 @pytest.fixture
 def llama(tokenizer):
     return tiny_llama(len(tokenizer))
@@ -123,3 +134,15 @@ def lwf_args(output_dir, **overrides):
     )
     values.update(overrides)
     return LWFTrainingArguments(str(output_dir), **values)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Every Hub call of the Trainer goes to an offline fake that records the uploads (see test_hub.FakeHubApi)."""
+    import transformers.utils.hub as hf_hub_utils
+    from test_hub import FakeHubApi
+
+    api = FakeHubApi(tmp_path / "hub")
+    monkeypatch.setattr(hf_hub_utils, "_hf_api", api)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return api

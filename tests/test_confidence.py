@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FORGET_PROMPTS, tiny_gpt2, tiny_llama
+from conftest import FORGET_PROMPTS
 
 from hf_lwf.confidence import (
     alignment_scores,
@@ -15,16 +15,6 @@ from hf_lwf.confidence import (
 )
 from hf_lwf.fisher import masked_fisher, trainable_parameters, update_mask, weighted_direction
 from hf_lwf.selfgen import collate_self_data, encode_prompt, generate_self_data
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-@pytest.fixture(params=sorted(MODELS))
-def model(request, tokenizer):
-    m = MODELS[request.param](len(tokenizer), seed=1)
-    m.eval()
-    return m
 
 
 def _rows(tokenizer):

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import pytest
-import transformers.utils.hub as hf_hub_utils
 from conftest import learning_dataset, lm_collator, lwf_args, tiny_llama
 from huggingface_hub.utils import filter_repo_objects
 from transformers import Trainer, TrainingArguments
@@ -49,14 +47,6 @@ class FakeHubApi:
             future.set_result(SimpleNamespace(commit_url="fake"))
             return future
         return SimpleNamespace(commit_url="fake")
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    api = FakeHubApi(tmp_path / "hub")
-    monkeypatch.setattr(hf_hub_utils, "_hf_api", api)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return api
 
 
 def _train(tokenizer, args, cls=LWFTrainer, **kwargs):

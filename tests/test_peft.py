@@ -162,17 +162,6 @@ def test_lora_checkpoint_holds_adapter_and_lwf_state_and_resumes_exactly(tokeniz
             assert res[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7)
 
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    import transformers.utils.hub as hf_hub_utils
-    from test_hub import FakeHubApi
-
-    api = FakeHubApi(tmp_path / "hub")
-    monkeypatch.setattr(hf_hub_utils, "_hf_api", api)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return api
-
-
 @pytest.mark.parametrize("kind", ["trainer", "callback"])
 def test_adapter_push_carries_lwf_config_state_and_card(tokenizer, tmp_path, fake_hub, kind):
     args = lwf_args(tmp_path / "out", push_to_hub=True, hub_model_id="me/tiny-lora-lwf", hub_strategy="checkpoint",

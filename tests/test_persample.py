@@ -22,16 +22,6 @@ from hf_lwf.persample import FisherConsumer, per_sample_pass
 from hf_lwf.selfgen import collate_self_data, encode_prompt
 
 
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-@pytest.fixture(params=sorted(MODELS))
-def model(request, tokenizer):
-    m = MODELS[request.param](len(tokenizer), seed=1)
-    m.eval()
-    return m
-
-
 def _batch(tokenizer, n=4):
     responses = [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70, 40, 40]]
     rows = [
