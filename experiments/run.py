@@ -53,6 +53,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "lwf_early": {"lwf_schedule": "early"},       # ablation: all ascent steps before fine-tuning
     "lwf_sgd": {"lwf_unlearn_optimizer": "sgd"},  # separate SGD for the ascent steps (lr = lwf_unlearn_lr)
     "ga_all": {"lwf_selection": "all"},           # gradient ascent on all of D_self (unlearning-library baseline)
+    # one lwf_* setting changed at a time (configs/defaults.yaml): the measurements behind the defaults
+    "lwf_every3": {"lwf_unlearn_every": 3},
+    "lwf_every8": {"lwf_unlearn_every": 8},
+    "lwf_ratio10": {"lwf_forget_ratio": 0.1},
+    "lwf_ratio50": {"lwf_forget_ratio": 0.5},
+    "lwf_coef2": {"lwf_unlearn_coef": 2.0},
+    "lwf_steps3": {"lwf_unlearn_steps": 3},
     "l2sp": {},                                   # hf_lwf.baselines.L2SP
     "bss": {},                                    # hf_lwf.baselines.BSS
 }

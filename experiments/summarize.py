@@ -31,6 +31,7 @@ BEGIN, END = "<!-- BEGIN GENERATED (python -m experiments.summarize) -->", "<!--
 MAIN_METHODS = ("lwf", "lwf_alignment")
 ABLATIONS = ("lwf", "lwf_random", "lwf_bottom", "lwf_early", "lwf_sgd")
 BASELINES = ("lwf", "ga_all", "l2sp", "bss")
+DEFAULTS = ("lwf", "lwf_every3", "lwf_every8", "lwf_ratio10", "lwf_ratio50", "lwf_coef2", "lwf_steps3")
 
 
 def load_runs(runs_dir: str) -> list[dict[str, Any]]:
@@ -295,6 +296,11 @@ def generated_markdown(runs: list[dict[str, Any]], tables: dict[str, list[dict[s
         "\n### Main table: learning task × forgetting task\n", markdown_comparison(tables["main"]),
         "\n### Ablations (selection and schedule; unlearning optimizer)\n", markdown_comparison(tables["ablation"]),
         "\n### Baselines\n", markdown_comparison(tables["baselines"]),
+        "\n### The `lwf_*` defaults, one setting changed at a time (`configs/defaults.yaml`)\n",
+        "`lwf` = `lwf_unlearn_every=5` (of 16 steps), `lwf_forget_ratio=0.25`, `lwf_unlearn_coef=1`, "
+        "`lwf_unlearn_steps=1`; `every3`/`every8` change the interval, `ratio10`/`ratio50` the ratio, `coef2` the "
+        "coefficient, `steps3` the ascent steps per point.\n",
+        markdown_comparison(tables["defaults"]),
         "\n### One unlearning step: shared AdamW or a separate SGD (`experiments/optimizer_probe.py`)\n",
         probe_markdown(probe_path),
         "\n![Δ vs vanilla](results_delta.png)\n" if rows else "",
@@ -313,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(str(out / "runs"))
     rows = run_rows(runs)
     tables = {"main": compare(runs, MAIN_METHODS), "ablation": compare(runs, ABLATIONS),
-              "baselines": compare(runs, BASELINES)}
+              "baselines": compare(runs, BASELINES), "defaults": compare(runs, DEFAULTS)}
     write_csv(out / "runs.csv", rows)
     for name, table in tables.items():
         write_csv(out / f"{name}.csv", table)
-    all_rows = compare(runs, tuple(sorted(set(MAIN_METHODS + ABLATIONS + BASELINES))))
+    all_rows = compare(runs, tuple(sorted(set(MAIN_METHODS + ABLATIONS + BASELINES + DEFAULTS))))
     print(f"{len(runs)} runs; {len(all_rows)} paired cells")
     print(markdown_comparison(all_rows))
     if args.docs != "none":

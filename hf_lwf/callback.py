@@ -24,6 +24,7 @@ from . import fisher as fisher_lib
 from .config import GENERATION_FIELDS, LWFConfig, config_from_args
 from .confidence import score_self_data
 from .data import load_forget_prompts
+from .distributed import is_sharded, local_rows
 from .modelcard import install_card_section, lwf_card_section
 from .selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
 from .state import SELF_DATA_DIR, STATE_JSON, LWFState, write_config
@@ -60,7 +61,7 @@ class LWFCallback(TrainerCallback):
         self.lwf_state = LWFState()
         self.self_data: Dataset | None = None
         self.resume_dir: str | None = None
-        self.card_via_trainer = False
+        self.via_trainer = False  # registered by LWFTrainerMixin: it writes the card and is needed under FSDP
         self._metrics: dict[str, float] = {}
         self._sampler: ForgetSampler | None = None
         self._sgd: torch.optim.Optimizer | None = None
@@ -85,12 +86,7 @@ class LWFCallback(TrainerCallback):
                 )
             self.config = config_from_args(args)
             self.prompts = self._load_prompts()
-        engine = _sharded_engine(args)
-        if engine is not None:
-            raise ValueError(
-                f"hf_lwf does not support {engine} yet: {_UNSUPPORTED[engine]} What works today: a single process "
-                "or DDP (`torchrun`, `accelerate launch --multi_gpu`), with PEFT and bf16/fp16 mixed precision."
-            )
+        self._check_engine(args)
         if model is None:
             return
         check_can_generate(model, tokenizer)
@@ -99,6 +95,35 @@ class LWFCallback(TrainerCallback):
         if args.max_steps > 0:
             self._warn_if_unreachable(args.max_steps)
         self._checked = True
+
+    def _check_engine(self, args, model=None) -> None:
+        """DeepSpeed is refused; FSDP runs through LWFTrainer (or the mixin) with FSDP2 only."""
+        engine = _sharded_engine(args)
+        if engine is None and model is not None and is_sharded(model):
+            engine = "FSDP"  # a model sharded with fully_shard by hand
+        if engine == "DeepSpeed":
+            raise ValueError(
+                f"hf_lwf does not support DeepSpeed yet: {_DEEPSPEED} What works: a single process, DDP (`torchrun`, "
+                "`accelerate launch --multi_gpu`) and FSDP2 through LWFTrainer, with PEFT and bf16/fp16 mixed "
+                "precision."
+            )
+        if engine != "FSDP":
+            return
+        if not self.via_trainer:
+            raise ValueError(
+                "Under FSDP, LWF must run through `LWFTrainer` (or a Trainer subclass with `LWFTrainerMixin` first in "
+                "its bases), not a plain LWFCallback: the sharded state is saved from `save_model` on every rank and "
+                "the Fisher is read from the sharded gradients before clipping."
+            )
+        version = int((getattr(args, "fsdp_config", None) or {}).get("version", os.environ.get("FSDP_VERSION", 2)))
+        if version != 2:
+            raise ValueError(
+                f"hf_lwf supports FSDP2 (`fully_shard`) only; this run asks for FSDP version {version}, whose flat "
+                "parameters LWF cannot address. Set `fsdp_config={'version': 2}`."
+            )
+        if self.config.lwf_state_device == "cpu":
+            raise ValueError("`lwf_state_device='cpu'` is not supported under FSDP: LWF's state is sharded like the "
+                             "parameters (use FSDP's CPU offloading to move both).")
 
     def check_train_dataset(self, dataset) -> None:
         """The empirical Fisher and the early schedule draw learning examples by index: they need a map-style set."""
@@ -127,6 +152,7 @@ class LWFCallback(TrainerCallback):
                        train_dataloader=None, **kwargs):
         if not self._checked:
             self._check(args, model, processing_class)
+        self._check_engine(args, model)
         config = self.config
         self.check_train_dataset(getattr(train_dataloader, "dataset", None))
         if args.max_steps <= 0:  # epoch-based: the number of steps is known now (max_steps was checked at init)
@@ -136,7 +162,7 @@ class LWFCallback(TrainerCallback):
         self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
-        if not self._restore(args, state, current):
+        if not self._restore(args, state, current, model):
             self.lwf_state, self.self_data, self._sampler = current, None, None
         else:
             self.lwf_state.place_like(fisher_lib.trainable_parameters(model), device=self._state_device)
@@ -147,7 +173,7 @@ class LWFCallback(TrainerCallback):
         if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
             self._early_unlearning(args, state, model, optimizer, train_dataloader)
 
-    def _restore(self, args, state, current: LWFState) -> bool:
+    def _restore(self, args, state, current: LWFState, model) -> bool:
         """Load the LWF state of the checkpoint being resumed; ``False`` when this is a fresh start."""
         if state.global_step == 0:
             return False
@@ -155,7 +181,8 @@ class LWFCallback(TrainerCallback):
         if not os.path.isfile(os.path.join(directory, STATE_JSON)):
             logger.warning(f"Resuming from {directory}, which has no LWF state: LWF starts afresh at this step.")
             return False
-        saved = LWFState.load(directory)
+        params = fisher_lib.trainable_parameters(model)
+        saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows only
         if saved.config_hash != current.config_hash:
             changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
             logger.warning(
@@ -412,13 +439,22 @@ class LWFCallback(TrainerCallback):
                 state.log_history[-1].update(metrics)
 
     def save_state(self, args, directory: str, step: int) -> None:
-        """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only)."""
-        if not args.should_save or self._saved_step == step or not os.path.isdir(directory):
+        """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only).
+
+        Under FSDP every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time) for the
+        main process to write, so the checkpoint holds whole tensors whatever the world size."""
+        if self._saved_step == step:
+            return
+        tensors = None
+        if self.lwf_state.is_sharded():
+            tensors = self.lwf_state.tensors_for_saving(keep=args.should_save)
+            self._saved_step = step
+        if not args.should_save or not os.path.isdir(directory):
             return
         if self.self_data is not None:  # a copy per checkpoint: the folder alone is enough to resume (multi-node)
             with _quiet_datasets():
                 self.self_data.save_to_disk(os.path.join(directory, SELF_DATA_DIR))
-        self.lwf_state.save(directory)
+        self.lwf_state.save(directory, tensors)
         write_config(directory, self.config.lwf_dict(), self.lwf_state.run_summary())
         self._saved_step = step
 
@@ -444,12 +480,13 @@ class LWFCallback(TrainerCallback):
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.save_state(args, checkpoint, state.global_step)
+        if not self.lwf_state.is_sharded():  # runs on rank 0 only: no gather here (save_model did it on every rank)
+            self.save_state(args, checkpoint, state.global_step)
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
         if args.should_save:
             write_config(args.output_dir, self.config.lwf_dict(), self.lwf_state.run_summary())
-        if not self.card_via_trainer:
+        if not self.via_trainer:
             install_card_section(lwf_card_section(self))
 
 
@@ -464,12 +501,10 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-_UNSUPPORTED = {
-    "DeepSpeed": "DeepSpeed steps the optimizer inside backward, before any callback or Trainer hook sees the "
-    "gradients, and under ZeRO the gradients and parameters LWF reads are partitioned.",
-    "FSDP": "LWF keeps full-size Fisher and reference copies and scores with a forward-mode pass over the full "
-    "parameters, which sharded (DTensor) parameters do not provide; it has not been validated under FSDP.",
-}
+_DEEPSPEED = (
+    "DeepSpeed steps the optimizer inside backward, before any callback or Trainer hook sees the gradients, and under "
+    "ZeRO the gradients and parameters LWF reads are partitioned in DeepSpeed's own flat buffers."
+)
 
 
 def _sharded_engine(args) -> str | None:

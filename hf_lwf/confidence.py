@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum_, shard_indices
+from .distributed import all_reduce_sum_, is_sharded, shard_indices
 from .fisher import ScoringTerms, TensorDict, per_sample_gradients, trainable_parameters
 from .persample import DEFAULT_CHUNK_ELEMENTS, ScoreConsumer, per_sample_pass
 from .selfgen import collate_self_data
@@ -175,16 +175,24 @@ def score_self_data(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     alignment: str = "hooks",
 ) -> torch.Tensor:
-    """Confidence c(x) of every row of D_self; the rows are split across ranks and the scores summed back.
+    """Confidence c(x) of every row of D_self, the same on every rank.
 
     ``direction`` is a :class:`~hf_lwf.fisher.ScoringTerms` (then ``curvature`` is None), or the ``w`` dict with
     ``curvature`` the ``M * F`` dict. Rows are scored in batches of ``batch_size``, sorted by length to limit
     padding. ``alignment="jvp"`` computes the alignment mode with a forward-mode pass instead of the hooks.
+
+    Under DDP the rows are split across ranks; under FSDP every rank runs every row and sums over the parameter
+    rows of its shard. Either way ``a(x)`` and ``n(x)`` are sums of disjoint parts, added with one all-reduce.
     """
     terms = direction if isinstance(direction, ScoringTerms) else ScoringTerms.explicit(direction, curvature)
     device = next(model.parameters()).device
-    scores = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    mine = shard_indices(len(rows))
+    sharded = is_sharded(model)
+    if sharded and mode == "alignment" and alignment == "jvp":
+        raise NotImplementedError("The forward-mode (jvp) alignment pass needs whole parameters; under FSDP use the "
+                                  "default hook pass.")
+    a_all = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    n_all = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    mine = list(range(len(rows))) if sharded else shard_indices(len(rows))
     mine = sorted(mine, key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"]))
     was_training = model.training
     model.eval()
@@ -197,14 +205,16 @@ def score_self_data(
                 a, n = alignment_scores_from_terms(model, batch, terms), None
             else:
                 a, n = batch_confidence(model, batch, terms, norms=mode == "deviation", chunk_elements=chunk_elements)
-            scores[indices] = combine(a, n, lr, mode).to(scores.device)
+            a_all[indices] = a.to(device)
+            if n is not None:
+                n_all[indices] = n.to(device)
             bar.update(len(indices))
         bar.close()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    all_reduce_sum_([scores])
-    return scores.cpu()
+    all_reduce_sum_([a_all, n_all])
+    return combine(a_all, n_all if mode == "deviation" else None, lr, mode).cpu()
 
 
 def alignment_scores_from_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], terms: ScoringTerms) -> torch.Tensor:

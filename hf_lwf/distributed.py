@@ -1,9 +1,25 @@
-"""The few collectives LWF needs; every rank calls them, each is one flattened operation."""
+"""The few collectives LWF needs, and the views of FSDP2-sharded tensors.
+
+Every rank calls the collectives; each is one flattened operation. Under FSDP2 (``fully_shard``) the trainable
+parameters, their gradients and LWF's own per-parameter state (F, theta_ref) are ``DTensor``s sharded on their first
+dimension: each rank holds a contiguous block of rows. LWF works on that block (:func:`local_view`) with the rows
+numbered as in the full parameter (:func:`local_rows`), so one code path serves sharded and plain tensors.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
+
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - torch without distributed tensors
+    DTensor = FSDPModule = Shard = compute_local_shape_and_global_offset = None
 
 
 def is_distributed() -> bool:
@@ -41,3 +57,84 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again (a no-op for other models and when already sharded)."""
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(tensors: torch.Tensor | Iterable[torch.Tensor] | torch.nn.Module) -> bool:
+    """Whether ``tensors`` (one tensor, an iterable of them, or a model's parameters) holds FSDP2 ``DTensor`` shards."""
+    if DTensor is None:
+        return False
+    if isinstance(tensors, torch.nn.Module):
+        if FSDPModule is not None and any(isinstance(m, FSDPModule) for m in tensors.modules()):
+            return True
+        tensors = tensors.parameters()
+    if isinstance(tensors, torch.Tensor):
+        return isinstance(tensors, DTensor)
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def check_shardable(tensor: torch.Tensor, name: str = "parameter") -> None:
+    """LWF follows FSDP2's layout: a one-dimensional mesh, every tensor split on dim 0 (``Shard(0)``)."""
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or mesh.size() != rank_and_world()[1]:
+        raise NotImplementedError(
+            "hf_lwf supports FSDP2 `fully_shard` over all ranks on a one-dimensional device mesh (placements "
+            f"(Shard(0),)); {name} has mesh {tuple(mesh.shape)} and placements {tuple(tensor.placements)} "
+            "(HSDP and tensor parallelism are not supported)."
+        )
+
+
+def local_rows(tensor: torch.Tensor) -> slice | None:
+    """The rows (dim 0, numbered as in the full tensor) this rank holds of a sharded tensor; None for a plain one."""
+    if not is_sharded(tensor):
+        return None
+    check_shardable(tensor)
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return slice(offset[0], offset[0] + shape[0])
+
+
+def local_view(tensor: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """``tensor[rows]`` (rows numbered as in the full tensor, None: all this rank has) as a view of the local data.
+
+    For a sharded tensor ``rows`` must lie within :func:`local_rows`; in-place writes reach the ``DTensor``.
+    """
+    if not is_sharded(tensor):
+        return tensor if rows is None else tensor[rows]
+    data = tensor.to_local()
+    if rows is None:
+        return data
+    own = local_rows(tensor)
+    if rows.start < own.start or rows.stop > own.stop:
+        raise IndexError(f"rows {rows.start}:{rows.stop} are not in this rank's shard {own.start}:{own.stop}.")
+    return data[rows.start - own.start : rows.stop - own.start]
+
+
+def like_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor, or already only this rank's rows) laid out like ``param``: a ``DTensor`` shard when
+    ``param`` is one, else ``full`` itself, on ``param``'s device."""
+    if not is_sharded(param):
+        return full.to(param.device)
+    own = local_rows(param)
+    local = full if full.shape[0] == own.stop - own.start and full.shape[0] != param.shape[0] else full[own]
+    return DTensor.from_local(local.to(param.to_local().device).contiguous(), param.device_mesh, param.placements,
+                              run_check=False, shape=param.shape, stride=param.stride())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an all-gather for a sharded one (every rank must call it), the tensor itself otherwise."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce one tensor in place (sum by default); a no-op in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor

@@ -9,14 +9,19 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .distributed import all_reduce_sum_, shard_indices
+from .distributed import all_reduce_, all_reduce_sum_, is_sharded, local_view, reshard, shard_indices
 
 
 TensorDict = dict[str, torch.Tensor]
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters LWF scores and unlearns: all weights, or only the adapters under PEFT."""
+    """The parameters LWF scores and unlearns: all weights, or only the adapters under PEFT.
+
+    Under FSDP2 these are the sharded ``DTensor``s: FSDP keeps the root module's gathered weights registered after
+    a forward without backward (generation, scoring), so the model is resharded first.
+    """
+    reshard(model)
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -34,19 +39,28 @@ def online_fisher_update_(
 
     Returns ``False`` and leaves ``F`` untouched when any gradient is non-finite. The check is one fused
     ``_foreach_norm`` and a single host sync per call; the update is two fused in-place ``_foreach`` kernels, so a
-    learning step costs no extra parameter-sized memory.
+    learning step costs no extra parameter-sized memory. FSDP2-sharded gradients update the matching shards of F
+    (``DTensor``s laid out like the parameters) locally; only the finiteness flag is agreed across ranks.
     """
     names = [n for n in grads if grads[n] is not None]
     if not names:
         return False
-    gs = [grads[n].detach() for n in names]
+    sharded = is_sharded(grads[n] for n in names)
+    if sharded and device is not None:
+        raise ValueError("Under FSDP the Fisher is sharded like the parameters: `lwf_state_device='cpu'` is not "
+                         "supported there (FSDP's own CPU offloading moves parameters and state together).")
+    gs = [local_view(grads[n].detach()) for n in names]
     norms = torch._foreach_norm(gs)
-    if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+    finite = torch.isfinite(torch.stack([n.float() for n in norms])).all().float()
+    if sharded:  # every rank checks its own shard; all must agree to skip
+        all_reduce_(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite):
         return False
-    for name, g in zip(names, gs):
+    for name in names:
         if name not in fisher:
-            fisher[name] = torch.zeros_like(g, dtype=dtype, device=device or g.device)
-    fs = [fisher[n] for n in names]
+            g = grads[name].detach()
+            fisher[name] = torch.zeros_like(g, dtype=dtype, device=None if sharded else (device or g.device))
+    fs = [local_view(fisher[n]) for n in names]
     weight = (1 - decay) / grad_scale**2
     if all(f.dtype == g.dtype == torch.float32 and f.device == g.device for f, g in zip(fs, gs)):
         torch._foreach_mul_(fs, decay)
@@ -117,7 +131,9 @@ def empirical_fisher(
 
     params = trainable_parameters(model)
     consumer = FisherConsumer(params, with_mean=with_mean)
-    mine = [examples[i] for i in shard_indices(len(examples))]
+    # FSDP: every rank runs every example (the forwards are collective) and fills only its own rows.
+    sharded = is_sharded(params.values())
+    mine = examples if sharded else [examples[i] for i in shard_indices(len(examples))]
 
     def losses(m, batch):
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -134,7 +150,8 @@ def empirical_fisher(
         model.train(was_training)
     names = sorted(params)
     sums = consumer.sums or {}
-    all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
+    if not sharded:
+        all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
     count = len(examples)
     fisher = {n: f.div_(count) for n, f in consumer.squares.items()}
     return fisher, ({n: m.div_(count) for n, m in sums.items()} if with_mean else None)
@@ -164,6 +181,11 @@ def empirical_fisher_reference(
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
     params = trainable_parameters(model)
+    if is_sharded(params.values()):
+        raise NotImplementedError(
+            "Under FSDP the empirical Fisher needs causal-LM learning batches with only `input_ids`, "
+            "`attention_mask` and `labels` (and no custom loss); use lwf_fisher='online' otherwise."
+        )
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     mean = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     mine = [examples[i] for i in shard_indices(len(examples))]
@@ -218,21 +240,27 @@ def snapshot(
 
     With ``out``, the copy is written into its tensors in place (no second whole-model copy exists at any time);
     ``dtype``/``device`` choose how a new copy is stored (e.g. bf16, or CPU for a GPU run).
+    Under FSDP each rank copies its own shard (a ``DTensor`` laid out like the parameter).
     """
     params = trainable_parameters(model)
     if out:
         with torch.no_grad():
             for name, p in params.items():
-                out[name].copy_(p.detach())
+                local_view(out[name]).copy_(local_view(p.detach()))
         return out
+    if device is not None and is_sharded(params.values()):
+        raise ValueError("Under FSDP theta_ref is sharded like the parameters: `lwf_state_device='cpu'` is not "
+                         "supported there.")
     return {name: p.detach().to(device=device or p.device, dtype=dtype, copy=True) for name, p in params.items()}
 
 
-def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: int) -> float:
+def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: int, across_ranks: bool = False
+                ) -> float:
     """The ``k``-th largest of the non-negative fp32 numbers ``values(name)`` over all ``names``, exactly.
 
     A radix select over the float bit patterns, 8 bits per pass: four passes over the parameters, each holding
-    one parameter's values at a time, so no concatenated copy of all of them is ever made.
+    one parameter's values at a time, so no concatenated copy of all of them is ever made. With ``across_ranks``
+    each rank holds a disjoint part of the numbers (FSDP shards): the 256 counts of each pass are summed across ranks.
     """
     names = list(names)
     prefix, remaining = 0, k
@@ -244,6 +272,8 @@ def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: 
                 bits = bits[(bits >> (shift + 8)) == prefix]
             digits = torch.bincount(((bits >> shift) & 255).long(), minlength=256)
             counts = digits if counts is None else counts + digits
+        if across_ranks:
+            all_reduce_(counts)
         above = 0
         counts = counts.tolist()
         for digit in range(255, -1, -1):
@@ -300,7 +330,8 @@ class ScoringTerms:
         if mask_ratio < 1.0:
             total = sum(f.numel() for f in fisher.values())
             keep = max(1, int(round(mask_ratio * total)))
-            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep)
+            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep,
+                                          across_ranks=is_sharded(fisher.values()))
         return terms
 
     def has(self, name: str) -> bool:
@@ -309,22 +340,23 @@ class ScoringTerms:
         return name in self._direction or name in self._curvature
 
     def _fisher_delta(self, name: str, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = slice(None) if rows is None else rows
-        fisher = self._fisher[name][rows]
-        device = self._params[name].device if self._params is not None else fisher.device
+        # rows are numbered as in the full parameter; under FSDP they lie in this rank's shard (None: the shard)
+        fisher = local_view(self._fisher[name], rows)
+        param = local_view(self._params[name].detach(), rows) if self._params is not None else None
+        device = param.device if param is not None else fisher.device
         f = fisher.to(device=device, dtype=torch.float32)
         if self._scale != 1.0:
             f = f * self._scale
         if self._delta is not None:
-            d = self._delta[name][rows].to(device=device, dtype=torch.float32)
+            d = local_view(self._delta[name], rows).to(device=device, dtype=torch.float32)
         else:
-            d = self._params[name].detach()[rows].float() - self._reference[name][rows].to(device=device, dtype=torch.float32)
+            d = param.float() - local_view(self._reference[name], rows).to(device=device, dtype=torch.float32)
         return f, f * d
 
     def chunk(self, name: str, rows: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(w, F_M)`` of ``param[rows]`` in fp32 (``None`` where a term does not cover this parameter)."""
         if self._fisher is None:
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            pick = (lambda t: local_view(t)) if rows is None else (lambda t: local_view(t, rows))
             w, fm = self._direction.get(name), self._curvature.get(name)
             return (pick(w).float() if w is not None else None), (pick(fm).float() if fm is not None else None)
         f, fd = self._fisher_delta(name, rows)

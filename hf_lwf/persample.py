@@ -20,17 +20,23 @@ reduced to the per-sample scalars (or the Fisher sums) and dropped at once. A pa
 (tied ``lm_head``/embedding) has one gradient per sample, the *sum* of the uses: its chunks are summed over
 uses before they are squared. Only the parameters' own per-sample gradients are formed; the autograd pass itself
 runs with the parameters frozen, so it computes input gradients only.
+
+Under FSDP2 every rank runs the same batch (FSDP gathers each layer's weights for its forward and backward, as in
+training) and forms the per-sample gradients of the rows of its own shard only: the consumers receive row blocks
+numbered as in the full parameter, and their per-sample sums are partial sums that the caller adds across ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from .distributed import local_rows, local_view
 from .fisher import TensorDict
 
 
@@ -57,7 +63,9 @@ class Consumer:
         return True
 
     def dense(self, name: str, rows: slice | None, grads: torch.Tensor) -> None:
-        """``grads``: ``[batch, *shape]`` per-sample gradients of ``param[rows]`` (all of it when ``rows`` is None)."""
+        """``grads``: ``[batch, *shape]`` per-sample gradients of ``param[rows]`` (all of it when ``rows`` is None).
+
+        Rows are numbered as in the full parameter; under FSDP they lie in this rank's shard."""
         raise NotImplementedError
 
     def direction(self, name: str, rows: slice | None) -> torch.Tensor | None:
@@ -124,6 +132,7 @@ class _Capture:
                  chunk_elements: int):
         self.consumer, self.chunk_elements, self.batch_size = consumer, chunk_elements, batch_size
         self.params = params
+        self.own = {n: local_rows(p) for n, p in params.items()}  # this rank's rows of each sharded parameter
         name_of = {id(p): n for n, p in params.items()}
         self.owned: dict[torch.nn.Module, list[tuple[str, str]]] = {}
         for module in model.modules():
@@ -212,7 +221,9 @@ class _Capture:
         self.uses[name] = []
         if not uses:
             return
-        param = self.params[name]
+        param, own = self.params[name], self.own[name]
+        if own is not None and own.start == own.stop:  # an empty shard (a small tensor on a late rank)
+            return
         locals_ = [self._local(u, name) for u in uses]
         chunkable = param.dim() >= 2 and all((u.kind, loc) in _ROW_KINDS for u, loc in zip(uses, locals_))
         if not chunkable:
@@ -220,15 +231,16 @@ class _Capture:
             for use, local in zip(uses, locals_):
                 g = self._grad(use, local, None)
                 total = g if total is None else total.add_(g)
-            self.consumer.dense(name, None, total)
+            self.consumer.dense(name, own, total if own is None else total[:, own])
             return
         batch = self.batch_size
-        row_numel = param[0].numel()
+        row_numel = math.prod(param.shape[1:])
         step = max(1, self.chunk_elements // max(1, batch * row_numel))
+        first, last = (0, param.shape[0]) if own is None else (own.start, own.stop)
         # Dense uses first; embedding rows are then added into their block in place (no dense copy of their own).
         ordered = sorted(zip(uses, locals_), key=lambda pair: pair[0].kind == "embedding")
-        for start in range(0, param.shape[0], step):
-            rows = slice(start, min(start + step, param.shape[0]))
+        for start in range(first, last, step):
+            rows = slice(start, min(start + step, last))
             total = None
             for use, local in ordered:
                 if use.kind == "embedding" and total is not None:
@@ -296,30 +308,41 @@ class _Capture:
         return use.cache.pop(local)
 
     def _linear(self, use: _Use, local: str, name: str) -> None:
-        """``sum_i v_i g_{x,i}`` for this use only (linear consumers): no per-sample weight gradient formed."""
-        consumer, batch = self.consumer, self.batch_size
+        """``sum_i v_i g_{x,i}`` for this use only (linear consumers): no per-sample weight gradient formed.
+
+        Under FSDP ``v`` covers this rank's rows only, and so does the sum."""
+        consumer, batch, own = self.consumer, self.batch_size, self.own[name]
+        if own is not None and own.start == own.stop:
+            return
+        v = consumer.direction(name, own)
+        if v is None:
+            return
         if use.kind in ("linear", "conv1d", "embedding") and local == "weight":
-            v = consumer.direction(name, None)
-            if v is None:
-                return
             b = use.grad
             if use.kind == "embedding":
                 ids = use.args[0].reshape(batch, -1)
-                rows = F.embedding(ids, v.to(b.dtype), padding_idx=use.module.padding_idx)
+                keep = torch.ones_like(ids, dtype=torch.bool)
                 if use.module.padding_idx is not None:
-                    rows = rows * (ids != use.module.padding_idx).unsqueeze(-1)
+                    keep &= ids != use.module.padding_idx
+                if own is not None:
+                    keep &= (ids >= own.start) & (ids < own.stop)
+                    ids = (ids - own.start).clamp(0, own.stop - own.start - 1)
+                rows = F.embedding(ids, v.to(b.dtype)) * keep.unsqueeze(-1)
                 values = (rows.float() * b.float().reshape(batch, -1, b.shape[-1])).sum((1, 2))
             else:
                 x = use.args[0]
                 a = x.reshape(batch, -1, x.shape[-1]).to(v.dtype)
-                projected = a @ (v.t() if use.kind == "linear" else v)
-                values = (projected * b.reshape(batch, -1, b.shape[-1]).to(v.dtype)).sum((1, 2))
+                b = b.reshape(batch, -1, b.shape[-1]).to(v.dtype)
+                if use.kind == "linear":  # weight [out, in]: the shard holds output rows
+                    projected = a @ v.t()
+                    b = b if own is None else b[..., own]
+                else:  # Conv1D weight [in, out]: the shard holds input rows
+                    projected = (a if own is None else a[..., own]) @ v
+                values = (projected * b).sum((1, 2))
             consumer.add_linear(name, values.float())
             return
-        v = consumer.direction(name, None)
-        if v is None:
-            return
         g = self._grad(use, local, None)
+        g = g if own is None else g[:, own]
         consumer.add_linear(name, g.reshape(batch, -1) @ v.reshape(-1).float())
 
 
@@ -426,7 +449,6 @@ class FisherConsumer(Consumer):
         )
 
     def dense(self, name, rows, grads):
-        rows = slice(None) if rows is None else rows
         if self.sums is not None:
-            self.sums[name][rows] += grads.sum(0)
-        self.squares[name][rows] += grads.square_().sum(0)
+            local_view(self.sums[name], rows).add_(grads.sum(0))
+        local_view(self.squares[name], rows).add_(grads.square_().sum(0))

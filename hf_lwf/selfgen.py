@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .distributed import gather_objects, rank_and_world
+from .distributed import gather_objects, is_sharded, rank_and_world
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -80,11 +80,14 @@ def generation_mode(model, tokenizer):
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+    synced: bool = False,
 ) -> list[list[int]]:
     """Response token ids (up to and including the first eos) for a batch of tokenised prompts.
 
-    Call it inside :func:`generation_mode`. ``temperature=0`` decodes greedily.
+    Call it inside :func:`generation_mode`. ``temperature=0`` decodes greedily. ``synced`` keeps every rank
+    stepping until all have finished (``generate(synced_gpus=True)``), which sharded models need: each step's
+    forward is collective.
     """
     eos_ids = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -101,6 +104,7 @@ def generate_responses(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids,
         use_cache=True,
+        synced_gpus=synced,
     )
     return [_cut_at_eos(tokens, eos_ids) for tokens in output[:, padded["input_ids"].shape[1] :].tolist()]
 
@@ -127,7 +131,9 @@ def generate_self_data(
     The jobs (prompt x sample) are sorted by prompt length before they are cut into batches, so a batch pads
     little. Batch ``b`` samples with the RNG seeded by ``seed + b`` inside a forked RNG (the training RNG stream is
     untouched), so its responses do not depend on which process generates it: under DDP the batches are shared
-    round-robin across ranks and gathered back, and D_self is the same for any world size.
+    round-robin across ranks and gathered back, and D_self is the same for any world size. Under FSDP the ranks
+    generate in lockstep (every rank runs the same number of batches, a rank without a batch of its own repeats
+    one and drops the result).
     """
     encoded = encode_prompts(tokenizer, prompts, context_length(model), max_new_tokens)
     jobs = [(task, text, ids) for task in prompts for text, ids in zip(prompts[task], encoded[task])]
@@ -137,16 +143,21 @@ def generate_self_data(
     rank, world = rank_and_world()
     device = next(model.parameters()).device
     responses: dict[int, list[int]] = {}
+    synced = is_sharded(model)
     with generation_mode(model, tokenizer), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        mine = range(rank, len(batches), world)
+        mine = list(range(rank, len(batches), world))
         bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="LWF self-generation", disable=not show_progress,
                    leave=False)
-        for b in mine:
-            torch.manual_seed(seed + b)
+        rounds = -(-len(batches) // world) if synced else len(mine)
+        for r in range(rounds):
+            b = mine[r] if r < len(mine) else None
+            torch.manual_seed(seed + (b if b is not None else 0))
             out = generate_responses(
-                model, tokenizer, [jobs[i][2] for i in batches[b]],
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                model, tokenizer, [jobs[i][2] for i in batches[b if b is not None else 0]],
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, synced=synced,
             )
+            if b is None:  # a lockstep filler under FSDP
+                continue
             responses.update(zip(batches[b], out))
             bar.update(len(batches[b]))
         bar.close()

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .distributed import full_tensor, is_sharded, like_shard
+
 
 STATE_JSON = "lwf_state.json"
 STATE_TENSORS = "lwf_state.safetensors"
@@ -63,33 +65,63 @@ class LWFState:
     def place_like(self, parameters: dict[str, torch.Tensor], device: torch.device | str | None = None) -> None:
         """Move every state tensor onto ``device``, or by default the device of its parameter (after loading on CPU).
 
-        The dtype stays as saved: it is the one a fresh run chose (fp32, or ``lwf_fisher_dtype`` for F).
+        The dtype stays as saved: it is the one a fresh run chose (fp32, or ``lwf_fisher_dtype`` for F). Next to an
+        FSDP2-sharded parameter a tensor becomes a ``DTensor`` shard laid out like it (from the whole tensor, or from
+        this rank's rows as :meth:`load` reads them with ``rows``).
         """
         for group in _TENSOR_GROUPS:
             tensors = getattr(self, group)
             for name, tensor in tensors.items():
-                if name in parameters:
-                    tensors[name] = tensor.to(device if device is not None else parameters[name].device)
+                if name not in parameters:
+                    continue
+                param = parameters[name]
+                if is_sharded(param):
+                    tensors[name] = like_shard(tensor, param)
+                else:
+                    tensors[name] = tensor.to(device if device is not None else param.device)
+
+    def is_sharded(self) -> bool:
+        return any(is_sharded(t) for group in _TENSOR_GROUPS for t in getattr(self, group).values())
+
+    def tensors_for_saving(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """``{"fisher/<name>": ..., "reference/<name>": ...}`` as whole CPU tensors.
+
+        Sharded (FSDP) tensors are all-gathered one at a time, in name order: every rank must call this. Ranks that
+        do not write pass ``keep=False`` and hold no gathered copy beyond the one being gathered.
+        """
+        out = {}
+        for group in _TENSOR_GROUPS:
+            tensors = getattr(self, group)
+            for name in sorted(tensors):
+                whole = full_tensor(tensors[name].detach())
+                if keep:
+                    out[f"{group}/{name}"] = whole.to("cpu").contiguous()
+        return out
 
     def scalars(self) -> dict[str, Any]:
         """The JSON part of the state."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TENSOR_GROUPS}
         return {"format_version": FORMAT_VERSION, **data}
 
-    def save(self, directory: str) -> None:
-        """Write ``lwf_state.safetensors`` and ``lwf_state.json`` into ``directory``, each atomically."""
+    def save(self, directory: str, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``lwf_state.safetensors`` and ``lwf_state.json`` into ``directory``, each atomically.
+
+        ``tensors``: what :meth:`tensors_for_saving` returned (needed when the state is sharded: the gather is
+        collective, the write is not)."""
         os.makedirs(directory, exist_ok=True)
-        tensors = {
-            f"{group}/{name}": tensor.detach().to("cpu").contiguous()
-            for group in _TENSOR_GROUPS
-            for name, tensor in getattr(self, group).items()
-        }
+        if tensors is None:
+            if self.is_sharded():
+                raise ValueError("A sharded LWF state is saved with save(directory, tensors=state.tensors_for_saving()).")
+            tensors = self.tensors_for_saving()
         _atomic_write(directory, STATE_TENSORS, lambda path: save_file(tensors, path, metadata={"format": "hf_lwf"}))
         atomic_write_text(directory, STATE_JSON, json.dumps(self.scalars(), indent=2, sort_keys=True, allow_nan=False))
 
     @classmethod
-    def load(cls, directory: str, device: torch.device | str = "cpu") -> LWFState:
-        """Read the state saved in ``directory``; anything malformed or foreign raises a ``ValueError``."""
+    def load(cls, directory: str, device: torch.device | str = "cpu", rows: dict[str, slice] | None = None) -> LWFState:
+        """Read the state saved in ``directory``; anything malformed or foreign raises a ``ValueError``.
+
+        ``rows``: for the named parameters, read only these rows (dim 0) of their tensors: an FSDP rank reads its
+        own shard, never the whole tensor."""
         json_path, tensor_path = os.path.join(directory, STATE_JSON), os.path.join(directory, STATE_TENSORS)
         for path in (json_path, tensor_path):
             if not os.path.isfile(path):
@@ -118,7 +150,10 @@ class LWFState:
                     group, _, name = key.partition("/")
                     if group not in _TENSOR_GROUPS or not name:
                         raise ValueError(f"unexpected tensor {key!r}")
-                    getattr(state, group)[name] = handle.get_tensor(key)
+                    if rows is not None and rows.get(name) is not None:
+                        getattr(state, group)[name] = handle.get_slice(key)[rows[name]]
+                    else:
+                        getattr(state, group)[name] = handle.get_tensor(key)
         except ValueError as err:
             raise ValueError(f"{tensor_path} is not a valid hf_lwf state file: {err}") from None
         except Exception as err:  # safetensors raises its own error types for corrupted headers

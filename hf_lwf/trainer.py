@@ -43,7 +43,7 @@ class LWFTrainerMixin:
         if existing and lwf_config is not None:
             raise ValueError("Pass either `lwf_config` or an LWFCallback in `callbacks`, not both.")
         self.lwf_callback = existing[0] if existing else LWFCallback(lwf_config)
-        self.lwf_callback.card_via_trainer = True
+        self.lwf_callback.via_trainer = True
         if not existing:
             callbacks.append(self.lwf_callback)
         super().__init__(*args, callbacks=callbacks, **kwargs)
@@ -71,11 +71,14 @@ class LWFTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
+        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.lwf_state.is_sharded():
+            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)  # collective: every rank
         if not self.args.should_save or self.lwf_callback.config is None:
             return
         write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())
         _replace_pickled_args(output_dir, self.args)
-        if os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
+        if checkpoint:
             self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)
 
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .confidence import batch_losses
-from .distributed import all_reduce_sum_, shard_indices
+from .distributed import all_reduce_sum_, full_tensor, is_sharded, shard_indices
 from .fisher import trainable_parameters
 
 
@@ -109,10 +109,14 @@ def ascent_step(
     it before backward (small gradients do not underflow in half precision) and the gradients divided by it
     after. Returns ``forget_loss`` (batch mean before the step), ``kept``, ``skipped`` (non-finite) and
     ``applied`` (1 when the weights moved).
+
+    Under FSDP every rank runs the whole batch (its forward and backward are collective, so no rank may sit out)
+    and FSDP's reduce-scatter averages the identical gradients into each rank's shard: no collective of our own.
     """
     params = list(trainable_parameters(model).values())
     size = batch["input_ids"].shape[0]
-    mine = shard_indices(size)
+    sharded = is_sharded(params)
+    mine = list(range(size)) if sharded else shard_indices(size)
     model.zero_grad(set_to_none=True)
     stats = torch.zeros(3, device=params[0].device)  # loss sum, kept count, non-finite flag
     kept_losses = None
@@ -124,7 +128,8 @@ def ascent_step(
         keep = finite & (losses.detach() < loss_cap)
         stats[1] = keep.sum()
         kept_losses = losses[keep]
-    all_reduce_sum_([stats])
+    if not sharded:
+        all_reduce_sum_([stats])
     loss_sum, kept, non_finite = stats.tolist()
     result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0, "applied": 0}
     if non_finite or kept == 0:
@@ -138,8 +143,9 @@ def ascent_step(
             p.grad = torch.zeros_like(p)
         elif loss_scale != 1.0:
             p.grad.div_(loss_scale)
-    all_reduce_sum_([p.grad for p in params])
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if not sharded:
+        all_reduce_sum_([p.grad for p in params])
+    norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     if not torch.isfinite(norm):
         result["skipped"] = 1
         model.zero_grad(set_to_none=True)

@@ -352,23 +352,42 @@ def test_iterable_train_set_with_index_based_fisher_fails_at_construction(tokeni
     assert plain.state.global_step == 0
 
 
-@pytest.mark.parametrize("engine,args,env", [
-    ("DeepSpeed", {"deepspeed": "ds_config.json"}, {}),
-    ("DeepSpeed", {}, {"ACCELERATE_USE_DEEPSPEED": "true"}),
-    ("FSDP", {"fsdp": True}, {}),
-    ("FSDP", {}, {"ACCELERATE_USE_FSDP": "true"}),
-])
-def test_sharded_engines_are_refused_naming_what_works(monkeypatch, engine, args, env):
+@pytest.mark.parametrize("args,env", [({"deepspeed": "ds_config.json"}, {}), ({}, {"ACCELERATE_USE_DEEPSPEED": "true"})])
+def test_deepspeed_is_refused_naming_what_works(monkeypatch, args, env):
     from types import SimpleNamespace
 
     for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
-    with pytest.raises(ValueError, match=f"does not support {engine} yet") as info:
-        callback._check(SimpleNamespace(**args), None, None)
-    assert "DDP" in str(info.value) and "torchrun" in str(info.value)
+    for via_trainer in (False, True):
+        callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
+        callback.via_trainer = via_trainer
+        with pytest.raises(ValueError, match="does not support DeepSpeed yet") as info:
+            callback._check(SimpleNamespace(**args), None, None)
+        assert "DDP" in str(info.value) and "torchrun" in str(info.value) and "FSDP2 through LWFTrainer" in str(info.value)
+
+
+@pytest.mark.parametrize("args,env", [({"fsdp": True}, {}), ({}, {"ACCELERATE_USE_FSDP": "true"})])
+def test_fsdp_needs_the_trainer_fsdp2_and_state_on_the_parameters_device(monkeypatch, args, env):
+    from types import SimpleNamespace
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plain = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
+    with pytest.raises(ValueError, match="must run through `LWFTrainer`"):
+        plain._check(SimpleNamespace(**args), None, None)
+    managed = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
+    managed.via_trainer = True
+    managed._check(SimpleNamespace(**args), None, None)  # FSDP2 (the default version) through the trainer: accepted
+    with pytest.raises(ValueError, match="FSDP2 .* only; this run asks for FSDP version 1"):
+        managed._check(SimpleNamespace(**args, fsdp_config={"version": 1}), None, None)
+    offloaded = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, lwf_state_device="cpu"))
+    offloaded.via_trainer = True
+    with pytest.raises(ValueError, match="lwf_state_device='cpu'` is not supported under FSDP"):
+        offloaded._check(SimpleNamespace(**args), None, None)
 
 
 def test_max_steps_below_the_interval_warns_at_construction(tokenizer, tmp_path, caplog):

@@ -106,3 +106,14 @@ def test_example_on_smollm2_and_the_shared_data(example, tmp_path):
     assert [h["step"] for h in trainer.state.log_history if "lwf/forget_loss" in h] == [2]
     assert state.unlearn_points == 1 and state.self_data_sizes["forget"] >= 1
     assert (out / "model.safetensors").is_file() and (out / "lwf_config.json").is_file()
+
+
+def test_accelerate_fsdp2_config_selects_fsdp_version_2():
+    """The launch config docs/distributed.md points to parses with accelerate as FSDP2."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate", "fsdp2.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type == DistributedType.FSDP
+    assert config.fsdp_config["fsdp_version"] == 2

@@ -225,6 +225,21 @@ def test_runner_cli_resumes_and_swaps_eval_files(tiny_setup, capsys):
     assert os.path.getmtime(results / files[0]) == mtime
 
 
+def test_defaults_sweep_changes_one_lwf_setting_per_variant(tmp_path):
+    config = run.load_config(str(run.REPO / "experiments" / "configs" / "defaults.yaml"))
+    specs = run.grid_specs(config["grid"])
+    assert len(specs) == 18 and [s.seed for s in specs[:6]] == [0] * 6  # seed by seed
+    settings = run.merged_settings(config["settings"], [])
+    base = run._training_args(run.make_spec("sst5", "dental", "lwf", 0), settings, str(tmp_path), ["q?"])
+    fields = {"lwf_unlearn_every", "lwf_forget_ratio", "lwf_unlearn_coef", "lwf_unlearn_steps"}
+    for spec in specs[:6]:
+        args = run._training_args(spec, settings, str(tmp_path), ["q?"])
+        changed = {f for f in fields if getattr(args, f) != getattr(base, f)}
+        assert changed == set(run.METHODS[spec.method]), spec.method
+        for field, value in run.METHODS[spec.method].items():
+            assert getattr(args, field) == value
+
+
 def test_make_spec_validation():
     with pytest.raises(ValueError, match="method"):
         run.make_spec("sst5", "dental", "nope", 0)
