@@ -80,3 +80,16 @@ def test_callback_run_under_fsdp_equals_the_unsharded_run_and_resumes_exactly(ra
         # interrupted after step 4 and restored from checkpoint-4 by a new callback: exactly the uninterrupted run
         assert resumed == sharded and c["resumed_diff"] == 0.0
     assert ranks[0][arch]["callback"]["sharded"] == ranks[1][arch]["callback"]["sharded"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fsdp_bf16_mixed_precision_unlearns_with_fp32_sharded_state(ranks, arch):
+    for rank in ranks:
+        c = rank[arch]["callback"]
+        bf16, plain = c["bf16"], c["plain"]
+        assert c["bf16_state"]["dtensor_fp32"] and c["bf16_state"]["fisher_scale"] > 0
+        assert bf16["unlearn_points"] == 3 and bf16["unlearn_steps"] == 6 and bf16["fisher_updates"] == 6
+        assert len(bf16["forget_indices"]) == len(plain["forget_indices"])
+        assert all(math.isfinite(x) for x in bf16["scores"] + bf16["forget_loss"])
+        assert max(bf16["forget_loss"]) > bf16["forget_loss"][0]  # the ascent steps raise the forget loss
+    assert ranks[0][arch]["callback"]["bf16"] == ranks[1][arch]["callback"]["bf16"]  # ranks agree

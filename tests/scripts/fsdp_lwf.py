@@ -7,7 +7,8 @@ weights and data, and rank ``r`` writes the comparisons to ``rank{r}.json``:
   scores of both modes, the empirical Fisher, an ascent step, and the state saved whole and read back per shard;
 * the callback wired as ``LWFTrainer`` wires it (Fisher before clipping, the state saved on every rank), driven
   through the Trainer's event order: 6 steps with unlearning points at 2, 4 and 6, sharded against unsharded, and
-  a sharded run interrupted after step 4 whose LWF state is restored from ``checkpoint-4`` by a new callback.
+  a sharded run interrupted after step 4 whose LWF state is restored from ``checkpoint-4`` by a new callback;
+* the same callback run under FSDP2 bf16 mixed precision (``MixedPrecisionPolicy``, fp32 gradient reduction).
 """
 
 import json
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState
 
@@ -37,13 +38,15 @@ from hf_lwf.unlearn import ascent_step  # noqa: E402
 ARCHS = {"llama": (tiny_llama, lambda m: m.model.layers), "gpt2": (tiny_gpt2, lambda m: m.transformer.h)}
 
 
-def build(arch: str, vocab: int, sharded: bool):
+def build(arch: str, vocab: int, sharded: bool, bf16: bool = False):
     make, blocks = ARCHS[arch]
     model = make(vocab, seed=1)
     if sharded:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kwargs = {"mp_policy": policy} if policy else {}
         for block in blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
     return model
 
 
@@ -193,6 +196,14 @@ def callback_runs(arch: str, output_dir: str, tokenizer, batches) -> dict:
     resumed_cb, _ = train(model, tokenizer, batches, resumed_dir, 6, start=4, optimizer=optimizer,
                           resume_dir=os.path.join(resumed_dir, "checkpoint-4"))
     out["resumed"] = summary(resumed_cb)
+
+    mixed = build(arch, len(tokenizer), True, bf16=True)
+    mixed_cb, _ = train(mixed, tokenizer, batches, os.path.join(output_dir, f"{arch}-bf16"), 6)
+    fisher = mixed_cb.lwf_state.fisher
+    out["bf16"] = summary(mixed_cb)
+    out["bf16_state"] = {"dtensor_fp32": all(isinstance(f, DTensor) and f.dtype == torch.float32 for f in fisher.values()),
+                         "fisher_scale": max(float(local_view(f).abs().max()) for f in fisher.values()
+                                             if local_view(f).numel())}
     out["resumed_diff"] = max(  # against the uninterrupted sharded run, shard by shard
         float((local_view(a.detach()) - local_view(b.detach())).abs().max())
         for a, b in zip(model.parameters(), sharded.parameters()) if local_view(a).numel()
