@@ -58,7 +58,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "lwf_every8": {"lwf_unlearn_every": 8},
     "lwf_ratio10": {"lwf_forget_ratio": 0.1},
     "lwf_ratio50": {"lwf_forget_ratio": 0.5},
-    "lwf_coef2": {"lwf_unlearn_coef": 2.0},
+    "lwf_coef01": {"lwf_unlearn_coef": 0.1},
     "lwf_steps3": {"lwf_unlearn_steps": 3},
     "l2sp": {},                                   # hf_lwf.baselines.L2SP
     "bss": {},                                    # hf_lwf.baselines.BSS

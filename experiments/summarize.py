@@ -31,7 +31,7 @@ BEGIN, END = "<!-- BEGIN GENERATED (python -m experiments.summarize) -->", "<!--
 MAIN_METHODS = ("lwf", "lwf_alignment")
 ABLATIONS = ("lwf", "lwf_random", "lwf_bottom", "lwf_early", "lwf_sgd")
 BASELINES = ("lwf", "ga_all", "l2sp", "bss")
-DEFAULTS = ("lwf", "lwf_every3", "lwf_every8", "lwf_ratio10", "lwf_ratio50", "lwf_coef2", "lwf_steps3")
+DEFAULTS = ("lwf", "lwf_every3", "lwf_every8", "lwf_ratio10", "lwf_ratio50", "lwf_coef01", "lwf_steps3")
 
 
 def load_runs(runs_dir: str) -> list[dict[str, Any]]:
@@ -298,7 +298,7 @@ def generated_markdown(runs: list[dict[str, Any]], tables: dict[str, list[dict[s
         "\n### Baselines\n", markdown_comparison(tables["baselines"]),
         "\n### The `lwf_*` defaults, one setting changed at a time (`configs/defaults.yaml`)\n",
         "`lwf` = `lwf_unlearn_every=5` (of 16 steps), `lwf_forget_ratio=0.25`, `lwf_unlearn_coef=1`, "
-        "`lwf_unlearn_steps=1`; `every3`/`every8` change the interval, `ratio10`/`ratio50` the ratio, `coef2` the "
+        "`lwf_unlearn_steps=1`; `every3`/`every8` change the interval, `ratio10`/`ratio50` the ratio, `coef01` the "
         "coefficient, `steps3` the ascent steps per point.\n",
         markdown_comparison(tables["defaults"]),
         "\n### One unlearning step: shared AdamW or a separate SGD (`experiments/optimizer_probe.py`)\n",

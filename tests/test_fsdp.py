@@ -2,7 +2,8 @@
 
 transformers/accelerate build FSDP only on GPUs (on CPU ``fsdp=...`` falls back to DDP), so the script shards a
 tiny model with ``fully_shard`` itself and drives LWF's pieces and the callback, wired as ``LWFTrainer`` wires it,
-through the Trainer's event order (tests/scripts/fsdp_lwf.py).
+through the Trainer's event order (tests/scripts/fsdp_lwf.py). Models: a tiny Llama, a tiny GPT-2 (tied
+embeddings, Conv1D) and the Llama with PEFT LoRA adapters (only the adapters are trainable and sharded state).
 """
 
 import json
@@ -33,12 +34,14 @@ def _close(a, b, rtol=1e-4):
     return len(a) == len(b) and scale > 0 and all(math.isclose(x, y, rel_tol=rtol, abs_tol=rtol * scale) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 def test_state_is_sharded_like_the_parameters_and_equals_the_unsharded_one(ranks, arch):
     pieces = [r[arch]["pieces"] for r in ranks]
     assert ranks[0]["world_size"] == 2
     for p in pieces:
         assert p["fisher_dtensor"]  # F and theta_ref are DTensor shards
+        if arch == "lora":
+            assert p["fisher_numel"] < 5000  # the adapters only
         assert p["fisher_diff"] == 0.0 and p["reference_diff"] == 0.0 and p["step_diff"] == 0.0
         assert p["fisher_scale"] > 0
     # each rank holds its own rows only: together exactly one whole copy
@@ -46,7 +49,7 @@ def test_state_is_sharded_like_the_parameters_and_equals_the_unsharded_one(ranks
     assert max(p["fisher_local_numel"] for p in pieces) < 0.6 * pieces[0]["fisher_numel"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 def test_self_generation_scoring_empirical_fisher_and_ascent_equal_the_unsharded_run(ranks, arch):
     for rank in ranks:
         p = rank[arch]["pieces"]
@@ -65,7 +68,7 @@ def test_self_generation_scoring_empirical_fisher_and_ascent_equal_the_unsharded
     assert ranks[0][arch]["pieces"]["scores_deviation"] == ranks[1][arch]["pieces"]["scores_deviation"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 def test_callback_run_under_fsdp_equals_the_unsharded_run_and_resumes_exactly(ranks, arch):
     for rank in ranks:
         c = rank[arch]["callback"]
@@ -82,7 +85,7 @@ def test_callback_run_under_fsdp_equals_the_unsharded_run_and_resumes_exactly(ra
     assert ranks[0][arch]["callback"]["sharded"] == ranks[1][arch]["callback"]["sharded"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 def test_fsdp_bf16_mixed_precision_unlearns_with_fp32_sharded_state(ranks, arch):
     for rank in ranks:
         c = rank[arch]["callback"]

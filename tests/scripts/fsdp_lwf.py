@@ -1,7 +1,7 @@
 """Run by tests/test_fsdp.py under torchrun (2 CPU ranks, gloo): LWF on an FSDP2 (``fully_shard``) tiny model.
 
-Every piece is computed twice in the same process, on the sharded model and on an unsharded copy with the same
-weights and data, and rank ``r`` writes the comparisons to ``rank{r}.json``:
+Models: a tiny Llama, a tiny GPT-2 (tied embeddings, Conv1D) and the Llama with PEFT LoRA adapters. Every piece
+is computed twice in the same process, on the sharded model and on an unsharded copy with the same weights and data, and rank ``r`` writes the comparisons to ``rank{r}.json``:
 
 * the pieces: D_self, the online Fisher and theta_ref (as ``DTensor`` shards), the mask threshold, the confidence
   scores of both modes, the empirical Fisher, an ascent step, and the state saved whole and read back per shard;
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState
 
@@ -35,7 +35,17 @@ from hf_lwf.state import LWFState  # noqa: E402
 from hf_lwf.unlearn import ascent_step  # noqa: E402
 
 
-ARCHS = {"llama": (tiny_llama, lambda m: m.model.layers), "gpt2": (tiny_gpt2, lambda m: m.transformer.h)}
+def lora_llama(vocab: int, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)  # non-zero B: the adapters have gradients in every direction
+    torch.manual_seed(seed + 1)
+    return get_peft_model(tiny_llama(vocab, seed=seed), config)
+
+
+ARCHS = {"llama": (tiny_llama, lambda m: m.model.layers), "gpt2": (tiny_gpt2, lambda m: m.transformer.h),
+         "lora": (lora_llama, lambda m: m.base_model.model.model.layers)}
 
 
 def build(arch: str, vocab: int, sharded: bool, bf16: bool = False):
@@ -47,6 +57,7 @@ def build(arch: str, vocab: int, sharded: bool, bf16: bool = False):
         for block in blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        register_fsdp_forward_method(model, "generate")  # as the Trainer does under FSDP2 (PEFT's generate needs it)
     return model
 
 
