@@ -438,18 +438,19 @@ class LWFCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(metrics)
 
-    def save_state(self, args, directory: str, step: int) -> None:
+    def save_state(self, args, directory: str, step: int, create: bool = False) -> None:
         """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only).
 
         Under FSDP every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time) for the
-        main process to write, so the checkpoint holds whole tensors whatever the world size."""
+        main process to write, so the checkpoint holds whole tensors whatever the world size. ``create``: make the
+        folder if it does not exist yet (FSDP's sharded checkpoints write the model only after ``save_model``)."""
         if self._saved_step == step:
             return
         tensors = None
         if self.lwf_state.is_sharded():
             tensors = self.lwf_state.tensors_for_saving(keep=args.should_save)
             self._saved_step = step
-        if not args.should_save or not os.path.isdir(directory):
+        if not args.should_save or not (create or os.path.isdir(directory)):
             return
         if self.self_data is not None:  # a copy per checkpoint: the folder alone is enough to resume (multi-node)
             with _quiet_datasets():

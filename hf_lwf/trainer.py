@@ -73,7 +73,8 @@ class LWFTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
         if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.lwf_state.is_sharded():
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)  # collective: every rank
+            # collective: every rank; under FSDP's sharded checkpoints the folder does not exist yet
+            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True)
         if not self.args.should_save or self.lwf_callback.config is None:
             return
         write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())

@@ -96,3 +96,45 @@ def test_fsdp_bf16_mixed_precision_unlearns_with_fp32_sharded_state(ranks, arch)
         assert all(math.isfinite(x) for x in bf16["scores"] + bf16["forget_loss"])
         assert max(bf16["forget_loss"]) > bf16["forget_loss"][0]  # the ascent steps raise the forget loss
     assert ranks[0][arch]["callback"]["bf16"] == ranks[1][arch]["callback"]["bf16"]  # ranks agree
+
+
+TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_trainer.py")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """LWFTrainer through accelerate's FSDP2 path on CPU (see the script), and the same run under DDP."""
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for phase in ("ddp", "fsdp", "crash", "resume"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   TRAINER_SCRIPT, str(out), phase]
+        completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        if completed.returncode != 0:
+            pytest.fail(f"torchrun ({phase}) failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    runs = {phase: [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)]
+            for phase in ("ddp", "fsdp", "resume")}
+    runs["checkpoint"] = sorted(os.listdir(out / "split" / "checkpoint-4"))
+    return runs
+
+
+def test_lwf_trainer_under_accelerate_fsdp2_equals_the_ddp_run(trainer_runs):
+    for ddp, fsdp in zip(trainer_runs["ddp"], trainer_runs["fsdp"]):
+        assert not ddp["fsdp_enabled"] and not ddp["state_sharded"]
+        assert fsdp["fsdp_enabled"] and fsdp["params_sharded"] and fsdp["state_sharded"]
+        assert fsdp["unlearn_steps"] == ddp["unlearn_steps"] == 6 and fsdp["fisher_updates"] == 6
+        assert fsdp["forget_indices"] == ddp["forget_indices"] and fsdp["forget_indices"]
+        assert _close(ddp["scores"], fsdp["scores"])
+        for a, b in zip(ddp["history"], fsdp["history"]):
+            assert math.isclose(a["lwf/forget_loss"], b["lwf/forget_loss"], rel_tol=1e-5)
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ddp["weights"], fsdp["weights"]))
+        assert fsdp["checkpoints"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert trainer_runs["fsdp"][0] == trainer_runs["fsdp"][1]  # both ranks report the same whole weights and state
+
+
+def test_lwf_trainer_under_fsdp2_resumes_a_sharded_checkpoint_exactly(trainer_runs):
+    checkpoint = trainer_runs["checkpoint"]
+    assert {"lwf_state.safetensors", "lwf_state.json", "lwf_config.json", "_lwf_self_data"} <= set(checkpoint)
+    assert "pytorch_model_fsdp_0" in checkpoint  # the Trainer's own sharded (torch.distributed.checkpoint) save
+    for full, resumed in zip(trainer_runs["fsdp"], trainer_runs["resume"]):
+        assert resumed == full
