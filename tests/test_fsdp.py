@@ -64,6 +64,7 @@ def test_self_generation_scoring_empirical_fisher_and_ascent_equal_the_unsharded
         assert math.isclose(plain["grad_norm"], sharded["grad_norm"], rel_tol=1e-5)
         assert p["ascent_diff"] < 1e-7
         assert p["restored_exact"]
+        assert "must run through `LWFTrainer`" in p["plain_callback_refused"]  # a hand-sharded model, plain callback
     assert ranks[0][arch]["pieces"]["saved_whole_diff"] == 0.0  # the checkpoint holds whole tensors
     assert ranks[0][arch]["pieces"]["scores_deviation"] == ranks[1][arch]["pieces"]["scores_deviation"]
 

@@ -135,6 +135,12 @@ def pieces(arch: str, output_dir: str, tokenizer, batch) -> dict:
     params = trainable_parameters(sharded)
     loaded = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})
     loaded.place_like(params)
+    plain_callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))  # not registered by LWFTrainer
+    try:
+        plain_callback._check_engine(SimpleNamespace(), sharded)
+        out["plain_callback_refused"] = ""
+    except ValueError as err:
+        out["plain_callback_refused"] = str(err)
     out["restored_exact"] = all(
         isinstance(loaded.fisher[n], DTensor) and torch.equal(local_view(loaded.fisher[n]), local_view(fishers[1][n]))
         and torch.equal(local_view(loaded.reference[n]), local_view(references[1][n]))
