@@ -390,7 +390,7 @@ class LWFCallback(TrainerCallback):
         if self.config.lwf_unlearn_optimizer == "sgd":
             if self._sgd is None:
                 params = list(fisher_lib.trainable_parameters(model).values())
-                self._sgd = torch.optim.SGD(params, lr=self.config.lwf_unlearn_lr or args.learning_rate)
+                self._sgd = torch.optim.SGD(params, lr=self.config.lwf_unlearn_lr)
             return self._sgd
         # The raw torch optimizer: accelerate's wrapper would unscale our (unscaled) gradients under fp16.
         return getattr(optimizer, "optimizer", optimizer)

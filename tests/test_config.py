@@ -79,6 +79,11 @@ def test_bad_unlearn_lr_rejected(name, value):
         LWFConfig(lwf_unlearn_optimizer="sgd", **{name: value})
 
 
+def test_sgd_unlearning_needs_its_own_learning_rate():
+    with pytest.raises(ValueError, match="`lwf_unlearn_lr` must be set with lwf_unlearn_optimizer='sgd'"):
+        LWFConfig(lwf_unlearn_optimizer="sgd")
+
+
 def test_unlearn_lr_without_sgd_optimizer_is_rejected():
     with pytest.raises(ValueError, match="`lwf_unlearn_lr`.*lwf_unlearn_optimizer='shared'"):
         LWFConfig(lwf_unlearn_lr=0.1)
