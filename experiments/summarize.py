@@ -288,11 +288,13 @@ def probe_markdown(path: Path) -> str:
 def generated_markdown(runs: list[dict[str, Any]], tables: dict[str, list[dict[str, Any]]], rows,
                        probe_path: Path = RESULTS / "optimizer_probe.json") -> str:
     models = sorted({r["model"] for r in runs})
-    settings = runs[0]["settings"] if runs else {}
+    common, varying = settings_summary(runs)
     parts = [
         f"Generated from {len(runs)} run files in `experiments/results/runs/` (model: {', '.join(models) or '-'}).",
         "Scores are accuracy in percent (exact match for gsm8k); Δ in percentage points against vanilla fine-tuning "
-        "with the same seed. Settings of the runs: " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items())),
+        "with the same seed. Settings of all runs: " + ", ".join(f"`{k}={v}`" for k, v in sorted(common.items()))
+        + "".join(f". `{k}` differs between runs: " + ", ".join(f"{v} in {n} runs" for v, n in values)
+                  for k, values in sorted(varying.items())),
         "\n### Main table: learning task × forgetting task\n", markdown_comparison(tables["main"]),
         "\n### Ablations (selection and schedule; unlearning optimizer)\n", markdown_comparison(tables["ablation"]),
         "\n### Baselines\n", markdown_comparison(tables["baselines"]),
@@ -307,6 +309,22 @@ def generated_markdown(runs: list[dict[str, Any]], tables: dict[str, list[dict[s
         "\n### Every run\n", markdown_runs(rows),
     ]
     return "\n".join(parts)
+
+
+def settings_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[tuple[str, int]]]]:
+    """The settings every run shares, and for the others each value with its number of runs."""
+    keys = sorted({k for r in runs for k in r["settings"]})
+    common, varying = {}, {}
+    for key in keys:
+        counts: dict[str, int] = {}
+        for r in runs:
+            value = repr(r["settings"].get(key))
+            counts[value] = counts.get(value, 0) + 1
+        if len(counts) == 1:
+            common[key] = runs[0]["settings"].get(key)
+        else:
+            varying[key] = sorted(counts.items())
+    return common, varying
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,8 @@ class LWFConfig:
         default="deviation",
         metadata={
             "help": "Step 3: 'deviation' = full quadratic c(x) = eta*a(x) + eta^2/2*n(x); 'alignment' = eta*a(x) "
-            "only (one forward-mode pass per batch)."
+            "only. Measured: the same learning result within seed noise and about the same scoring time "
+            "(docs/results.md, defaults)."
         },
     )
     lwf_confidence_threshold: float = field(
@@ -96,7 +97,8 @@ class LWFConfig:
         default=None,
         metadata={
             "help": "Step 4: fraction r of D_self forgotten (ceil(r*|D_self|)). Default 0.25 when lwf_forget_top_k "
-            "is not set; set only one of the two."
+            "is not set; set only one of the two. Measured: 0.1 and 0.5 were not better than 0.25 "
+            "(docs/results.md, defaults)."
         },
     )
     lwf_forget_top_k: Optional[int] = field(
@@ -114,11 +116,28 @@ class LWFConfig:
         metadata={"help": "Step 4: in the mixed setting, apply ratio/top-k within each forgetting task."},
     )
     lwf_unlearn_every: int = field(
-        default=50, metadata={"help": "Step 5: unlearn every N learning optimizer steps, starting at step N."}
+        default=50,
+        metadata={
+            "help": "Step 5: unlearn every N learning optimizer steps, starting at step N. Measured: 3, 5 or 8 of 16 "
+            "steps gave the same learning result within seed noise, and fewer points forget less; aim for at least 3 "
+            "points per run (docs/results.md, defaults)."
+        },
     )
-    lwf_unlearn_steps: int = field(default=1, metadata={"help": "Step 5: gradient-ascent steps per unlearning point."})
+    lwf_unlearn_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Step 5: gradient-ascent steps per unlearning point. Measured: 3 was not better than 1 and mostly "
+            "hit lwf_forget_loss_cap (docs/results.md, defaults)."
+        },
+    )
     lwf_unlearn_batch_size: int = field(default=4, metadata={"help": "Step 5: D_U samples per ascent step."})
-    lwf_unlearn_coef: float = field(default=1.0, metadata={"help": "Step 5: weight lambda of the ascent loss."})
+    lwf_unlearn_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "Step 5: weight lambda of the ascent loss. Measured: 0.1 forgot as much as 1 under the shared "
+            "AdamW (Adam normalises the scale) and was not better (docs/results.md, defaults)."
+        },
+    )
     lwf_forget_loss_cap: float = field(
         default=5.0,
         metadata={
@@ -129,7 +148,9 @@ class LWFConfig:
         default="shared",
         metadata={
             "help": "Step 5: 'shared' = the Trainer's optimizer (scheduler and global_step untouched); 'sgd' = a "
-            "separate plain SGD with lwf_unlearn_lr."
+            "separate plain SGD with lwf_unlearn_lr. Measured: indistinguishable end to end; per step, sgd at lr 0.1 "
+            "harmed the learning loss 6x less, while a shared AdamW step mostly follows the learning momentum "
+            "(docs/results.md, defaults)."
         },
     )
     lwf_unlearn_lr: Optional[float] = field(
