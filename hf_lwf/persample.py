@@ -258,20 +258,14 @@ class _Capture:
         batch = self.batch_size
         b = use.grad.float()
         x = use.args[0]
-        if use.kind == "linear":
+        if use.kind in ("linear", "conv1d"):
             b = b.reshape(batch, -1, b.shape[-1])
             if local == "bias":
                 return b.sum(1)
             a = x.float().reshape(batch, -1, x.shape[-1])
-            b = b if rows is None else b[..., rows]
-            return torch.bmm(b.transpose(1, 2), a)
-        if use.kind == "conv1d":
-            b = b.reshape(batch, -1, b.shape[-1])
-            if local == "bias":
-                return b.sum(1)
-            a = x.float().reshape(batch, -1, x.shape[-1])
-            a = a if rows is None else a[..., rows]
-            return torch.bmm(a.transpose(1, 2), b)
+            if use.kind == "linear":  # weight [out, in]: rows are output features
+                return torch.bmm((b if rows is None else b[..., rows]).transpose(1, 2), a)
+            return torch.bmm((a if rows is None else a[..., rows]).transpose(1, 2), b)  # Conv1D [in, out]
         if use.kind == "embedding":
             return self._embedding_grad(use, b, rows)
         if use.kind == "layernorm":

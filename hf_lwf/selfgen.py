@@ -150,13 +150,14 @@ def generate_self_data(
                    leave=False)
         rounds = -(-len(batches) // world) if synced else len(mine)
         for r in range(rounds):
-            b = mine[r] if r < len(mine) else None
-            torch.manual_seed(seed + (b if b is not None else 0))
+            filler = r >= len(mine)  # under FSDP: no batch of its own left, repeat batch 0 in lockstep
+            b = 0 if filler else mine[r]
+            torch.manual_seed(seed + b)
             out = generate_responses(
-                model, tokenizer, [jobs[i][2] for i in batches[b if b is not None else 0]],
+                model, tokenizer, [jobs[i][2] for i in batches[b]],
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, synced=synced,
             )
-            if b is None:  # a lockstep filler under FSDP
+            if filler:
                 continue
             responses.update(zip(batches[b], out))
             bar.update(len(batches[b]))

@@ -58,7 +58,7 @@ def test_self_generation_scoring_empirical_fisher_and_ascent_equal_the_unsharded
             plain, sharded = p[f"scores_{mode}"]
             assert _close(plain, sharded), mode  # partial sums over the shards, all-reduced
             assert p[f"threshold_{mode}"][0] == p[f"threshold_{mode}"][1] > 0  # the radix select across ranks
-        assert p["empirical_diff"] <= 1e-6 * p["empirical_scale"] * 100
+        assert p["empirical_diff"] <= 1e-4 * p["empirical_scale"]
         plain, sharded = p["ascent"]
         assert plain["applied"] == sharded["applied"] == 1 and plain["kept"] == sharded["kept"] == 4
         assert math.isclose(plain["grad_norm"], sharded["grad_norm"], rel_tol=1e-5)
