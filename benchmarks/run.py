@@ -66,7 +66,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_lwf.tasks import forget_prompts, make_arithmetic_task
+    from hf_lwf.app.tasks import forget_prompts, make_arithmetic_task
 
     task = make_arithmetic_task(200, 10, seed=0)["train"]
     corpus = [f"{p} {r}" for p, r in zip(task["prompt"], task["response"])]
@@ -95,7 +95,7 @@ def load(name: str):
                              tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
         model = LlamaForCausalLM(config)
     else:
-        from hf_lwf.models import load_smollm2
+        from hf_lwf.app.models import load_smollm2
 
         model, tokenizer = load_smollm2()
     if torch.cuda.is_available():
@@ -135,7 +135,7 @@ def interleaved(fns: dict, repeats: int, warmup=None) -> dict[str, float]:
 
 def self_data_batches(model, tokenizer, w):
     """D_self-like batches: random prompt/response token ids of varying lengths around the workload's sizes."""
-    from hf_lwf.selfgen import collate_self_data
+    from hf_lwf.method.selfgen import collate_self_data
 
     g = torch.Generator().manual_seed(0)
     vocab = len(tokenizer)
@@ -152,7 +152,7 @@ def self_data_batches(model, tokenizer, w):
 
 
 def fake_state(model, seed=0):
-    from hf_lwf.fisher import trainable_parameters
+    from hf_lwf.method.fisher import trainable_parameters
 
     g = torch.Generator().manual_seed(seed)
     fisher, reference = {}, {}
@@ -164,8 +164,9 @@ def fake_state(model, seed=0):
 
 # ------------------------------------------------------------------------------------------------- sections
 def bench_scoring(model, tokenizer, w) -> dict:
-    from hf_lwf.confidence import alignment_scores_from_terms, batch_confidence, batch_losses
-    from hf_lwf.fisher import ScoringTerms, empirical_fisher, trainable_parameters
+    from hf_lwf.method.confidence import alignment_scores_from_terms, batch_confidence
+    from hf_lwf.method.common import batch_losses
+    from hf_lwf.method.fisher import ScoringTerms, empirical_fisher, trainable_parameters
 
     model.eval()
     rows, batches = self_data_batches(model, tokenizer, w)
@@ -217,7 +218,7 @@ def bench_scoring(model, tokenizer, w) -> dict:
         "empirical_fisher_over_forward_backward": t["empirical_fisher"] / lm,
     }
     if w.get("reference_loop"):
-        from hf_lwf.confidence import reference_confidence
+        from hf_lwf.method.confidence import reference_confidence
 
         direction = {n: terms.chunk(n)[0] for n in fisher}
         loop = interleaved({"fb": forward_backward, "loop": lambda: [
@@ -255,8 +256,8 @@ def _overlap(x, y, fraction) -> float:
 
 def bench_generation(model, tokenizer, w) -> dict:
     """Tokens/s of batched generation with length-sorted vs prompt-order batches (fixed number of new tokens)."""
-    from hf_lwf.selfgen import encode_prompt, generation_mode
-    from hf_lwf.tasks import forget_prompts, make_arithmetic_task
+    from hf_lwf.method.selfgen import encode_prompt, generation_mode
+    from hf_lwf.app.tasks import forget_prompts, make_arithmetic_task
 
     prompts = [p for ps in forget_prompts(None, "train").values() for p in ps]
     task = list(make_arithmetic_task(16, 1, seed=1)["train"]["prompt"])
@@ -292,8 +293,8 @@ def bench_generation(model, tokenizer, w) -> dict:
 
 def bench_step_overhead(model, tokenizer, w) -> dict:
     """A step without unlearning point: the online Fisher update against a vanilla step (fwd+bwd+AdamW)."""
-    from hf_lwf.confidence import batch_losses
-    from hf_lwf.fisher import online_fisher_update_, trainable_parameters
+    from hf_lwf.method.common import batch_losses
+    from hf_lwf.method.fisher import online_fisher_update_, trainable_parameters
 
     model.train()
     _, batches = self_data_batches(model, tokenizer, dict(w, samples=4, batch=4, prompt=16, response=48))
@@ -352,7 +353,7 @@ def bench_trainer_overhead(model_name: str, w) -> dict:
 
 
 def collator(tokenizer):
-    from hf_lwf.learning_data import LearningCollator
+    from hf_lwf.app.learning_data import LearningCollator
 
     return LearningCollator(tokenizer.pad_token_id)
 
@@ -360,9 +361,9 @@ def collator(tokenizer):
 def demo_data_and_args(tokenizer, steps, every, out, quick=False, **overrides):
     """The demo's learning data, forgetting prompts and training arguments (optionally a shorter schedule)."""
     from hf_lwf import LWFTrainingArguments
-    from hf_lwf.demo import DemoArguments, demo_defaults
-    from hf_lwf.learning_data import prepare_learning_dataset
-    from hf_lwf.tasks import forget_prompts, make_arithmetic_task
+    from hf_lwf.app.demo import DemoArguments, demo_defaults
+    from hf_lwf.app.learning_data import prepare_learning_dataset
+    from hf_lwf.app.tasks import forget_prompts, make_arithmetic_task
 
     values = demo_defaults(quick=quick)
     demo = DemoArguments(**{k: v for k, v in values.items() if k in DemoArguments.__dataclass_fields__})
@@ -382,7 +383,7 @@ def bench_end_to_end(model_name: str, quick: bool) -> dict:
     from transformers import Trainer
 
     from hf_lwf import LWFTrainer
-    from hf_lwf.demo import demo_defaults
+    from hf_lwf.app.demo import demo_defaults
 
     values = demo_defaults(quick=quick)
     out, seconds, lwf_metrics = {}, {}, {}
@@ -413,7 +414,7 @@ def memory_child(model_name: str, kind: str, steps: int, every: int) -> None:
     from transformers import Trainer
 
     from hf_lwf import LWFTrainer
-    from hf_lwf.fisher import trainable_parameters
+    from hf_lwf.method.fisher import trainable_parameters
 
     model, tokenizer = load(model_name)
     if torch.cuda.is_available():

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from datasets import load_dataset
 from transformers import HfArgumentParser
 from trl import SFTConfig, SFTTrainer
@@ -103,7 +104,7 @@ def dental_prompts(data_dir: str, forget_file: str, num_prompts: int) -> list[st
 
 
 def load_model(script_args: ScriptArguments):
-    from hf_lwf.models import load_model_and_tokenizer, load_smollm2
+    from hf_lwf.app.models import load_model_and_tokenizer, load_smollm2
 
     if script_args.model_name_or_path is None:
         return load_smollm2()
@@ -113,6 +114,9 @@ def load_model(script_args: ScriptArguments):
 def parse_args(argv=None) -> tuple[ScriptArguments, LWFSFTConfig]:
     parser = HfArgumentParser([ScriptArguments, LWFSFTConfig])
     parser.set_defaults(**DEFAULTS)
+    if not torch.cuda.is_available():
+        # TRL's bf16 default is refused without an accelerator unless the Trainer is told to use the CPU.
+        parser.set_defaults(use_cpu=True)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return script_args, training_args
 

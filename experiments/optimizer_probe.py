@@ -42,7 +42,7 @@ def _cos(a: list[torch.Tensor], b: list[torch.Tensor]) -> float | None:
 
 @torch.no_grad()
 def _mean_loss(model, batch) -> float:
-    from hf_lwf.unlearn import batch_losses
+    from hf_lwf.method.unlearn import batch_losses
 
     model.eval()
     losses = batch_losses(model, batch)
@@ -52,9 +52,9 @@ def _mean_loss(model, batch) -> float:
 
 def probe(seed: int, args, loaded) -> dict:
     """One seed: learn, self-generate, then one ascent step per optimizer option from the same state."""
-    from hf_lwf.learning_data import LearningCollator
-    from hf_lwf.selfgen import collate_self_data, generate_self_data
-    from hf_lwf.unlearn import ascent_step, batch_losses
+    from hf_lwf.app.learning_data import LearningCollator
+    from hf_lwf.method.selfgen import collate_self_data, generate_self_data
+    from hf_lwf.method.unlearn import ascent_step, batch_losses
 
     base, tok, _ = loaded
     torch.manual_seed(seed)

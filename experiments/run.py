@@ -183,7 +183,7 @@ def make_spec(learn: str, forget: str, method: str, seed: int) -> RunSpec:
 
 def load_model(model: str | None):
     """``(model, tokenizer, name)``: SmolLM2-135M-Instruct by default, else a Hub id or local directory."""
-    from hf_lwf.models import load_model_and_tokenizer, load_smollm2
+    from hf_lwf.app.models import load_model_and_tokenizer, load_smollm2
 
     if model is None:
         m, tok = load_smollm2()
@@ -224,8 +224,8 @@ def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: s
 
     from hf_lwf import LWFTrainer
     from hf_lwf.baselines import BSS, L2SP, RegularizedTrainer
-    from hf_lwf.learning_data import LearningCollator
-    from hf_lwf.report import lwf_summary
+    from hf_lwf.app.learning_data import LearningCollator
+    from hf_lwf.app.report import lwf_summary
 
     n_train = settings["max_steps"] * settings["batch_size"]
     dataset = learning_dataset(spec.learn, tokenizer, data_dir, n_train, spec.seed, settings["max_length"])

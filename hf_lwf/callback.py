@@ -20,15 +20,15 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from . import fisher as fisher_lib
+from .method import fisher as fisher_lib
 from .config import GENERATION_FIELDS, LWFConfig, config_from_args
-from .confidence import score_self_data
+from .method.confidence import score_self_data
 from .data import load_forget_prompts
 from .distributed import is_sharded, local_rows
 from .modelcard import install_card_section, lwf_card_section
-from .selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
+from .method.selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
 from .state import SELF_DATA_DIR, STATE_JSON, LWFState, write_config
-from .unlearn import ForgetSampler, ascent_step, select_forget_set
+from .method.unlearn import ForgetSampler, ascent_step, select_forget_set
 
 
 logger = logging.get_logger(__name__)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import transformers.modelcard as hf_modelcard
 
+from .config import LWFConfig
+from .state import LWFState
 
-if TYPE_CHECKING:
-    from .callback import LWFCallback
+
+class CardSource(Protocol):
+    """What the card is written from: an :class:`~hf_lwf.LWFCallback` after (or during) a run."""
+
+    config: LWFConfig
+    lwf_state: LWFState
+    self_data: Any
+    is_adapter: bool
 
 PAPER_URL = "https://arxiv.org/abs/2505.19715"
 CITATION = """@inproceedings{jiang2025graceful,
@@ -22,7 +30,7 @@ CITATION = """@inproceedings{jiang2025graceful,
 _START, _END = "<!-- hf_lwf:start -->", "<!-- hf_lwf:end -->"
 
 
-def lwf_card_section(callback: LWFCallback) -> str:
+def lwf_card_section(callback: CardSource) -> str:
     """Markdown saying what was forgotten, how much, and on what schedule."""
     config, lwf = callback.config, callback.lwf_state
     kind, amount = config.forget_amount
@@ -92,7 +100,7 @@ def lwf_card_section(callback: LWFCallback) -> str:
     return "\n".join(lines)
 
 
-def _forgotten_examples(callback: LWFCallback, count: int = 3, width: int = 160) -> list[tuple[str, str]]:
+def _forgotten_examples(callback: CardSource, count: int = 3, width: int = 160) -> list[tuple[str, str]]:
     lwf, data = callback.lwf_state, callback.self_data
     if data is None or not lwf.forget_indices or len(lwf.scores) != len(data):
         return []

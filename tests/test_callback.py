@@ -12,8 +12,8 @@ from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
 from hf_lwf.callback import LWFUnlearningError
 from hf_lwf.config import config_from_args
 from hf_lwf.state import LWFState
-from hf_lwf.confidence import batch_losses
-from hf_lwf.selfgen import collate_self_data
+from hf_lwf.method.common import batch_losses
+from hf_lwf.method.selfgen import collate_self_data
 
 
 def _trainer(tokenizer, args, model=None, cls=LWFTrainer, **kwargs):
@@ -127,7 +127,7 @@ def test_ascent_raises_forget_loss_while_learning_loss_falls(tokenizer, tmp_path
 
 
 def test_non_finite_ascent_loss_is_skipped_and_weights_stay_finite(tokenizer, tmp_path, monkeypatch):
-    import hf_lwf.unlearn as unlearn
+    import hf_lwf.method.unlearn as unlearn
 
     original = unlearn.batch_losses
     monkeypatch.setattr(unlearn, "batch_losses", lambda model, batch: original(model, batch) * float("nan"))
@@ -397,7 +397,7 @@ def test_max_steps_below_the_interval_warns_at_construction(tokenizer, tmp_path,
 
 
 def test_memory_options_store_f_in_bf16_and_the_state_on_the_cpu_with_close_scores(tokenizer, tmp_path, monkeypatch):
-    import hf_lwf.confidence as confidence_module
+    import hf_lwf.method.confidence as confidence_module
 
     chunks = []
     real = confidence_module.per_sample_pass

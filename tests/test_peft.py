@@ -9,8 +9,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_lwf import LWFCallback, LWFTrainer
 from hf_lwf.config import config_from_args
-from hf_lwf.confidence import batch_losses
-from hf_lwf.selfgen import collate_self_data
+from hf_lwf.method.common import batch_losses
+from hf_lwf.method.selfgen import collate_self_data
 from hf_lwf.state import CONFIG_NAME, STATE_JSON, STATE_TENSORS, LWFState
 
 
@@ -198,8 +198,9 @@ def _input_grad_hooks(model):
 def test_scoring_leaves_the_input_require_grads_hooks_as_it_found_them(tokenizer):
     """TRL and PEFT call ``enable_input_require_grads`` twice (two hooks, only the last remembered); scoring must
     lift both for the forward-mode pass and put back exactly those, round after round."""
-    from hf_lwf.confidence import alignment_scores, without_input_require_grads
-    from hf_lwf.selfgen import collate_self_data
+    from hf_lwf.method.confidence import alignment_scores
+    from hf_lwf.method.common import without_input_require_grads
+    from hf_lwf.method.selfgen import collate_self_data
 
     model = lora_llama(tokenizer)
     model.enable_input_require_grads()

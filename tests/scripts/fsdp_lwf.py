@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import FORGET_PROMPTS, build_tokenizer, learning_dataset, lm_collator, tiny_gpt2, tiny_llama  # noqa: E402
 
 from hf_lwf import LWFCallback, LWFConfig  # noqa: E402
-from hf_lwf.confidence import score_self_data  # noqa: E402
+from hf_lwf.method.confidence import score_self_data  # noqa: E402
 from hf_lwf.distributed import local_rows, local_view  # noqa: E402
-from hf_lwf.fisher import ScoringTerms, empirical_fisher, online_fisher_update_, snapshot, trainable_parameters  # noqa: E402
-from hf_lwf.selfgen import collate_self_data, generate_self_data  # noqa: E402
+from hf_lwf.method.fisher import ScoringTerms, empirical_fisher, online_fisher_update_, snapshot, trainable_parameters  # noqa: E402
+from hf_lwf.method.selfgen import collate_self_data, generate_self_data  # noqa: E402
 from hf_lwf.state import LWFState  # noqa: E402
-from hf_lwf.unlearn import ascent_step  # noqa: E402
+from hf_lwf.method.unlearn import ascent_step  # noqa: E402
 
 
 def lora_llama(vocab: int, seed: int):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import FORGET_PROMPTS
 
-from hf_lwf.confidence import (
+from hf_lwf.method.confidence import (
     alignment_scores,
     batch_losses,
     combine,
@@ -13,8 +13,8 @@ from hf_lwf.confidence import (
     score_self_data,
     sequence_losses,
 )
-from hf_lwf.fisher import masked_fisher, trainable_parameters, update_mask, weighted_direction
-from hf_lwf.selfgen import collate_self_data, encode_prompt, generate_self_data
+from hf_lwf.method.fisher import masked_fisher, trainable_parameters, update_mask, weighted_direction
+from hf_lwf.method.selfgen import collate_self_data, encode_prompt, generate_self_data
 
 
 def _rows(tokenizer):

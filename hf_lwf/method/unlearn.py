@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .confidence import batch_losses
-from .distributed import all_reduce_sum_, full_tensor, is_sharded, shard_indices
+from ..distributed import all_reduce_sum_, full_tensor, is_sharded, shard_indices
+from .common import batch_losses
 from .fisher import trainable_parameters
 
 

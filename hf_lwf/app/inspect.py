@@ -13,9 +13,9 @@ import os
 import textwrap
 from typing import Any
 
-from .callback import LWFCallback
+from ..callback import LWFCallback
 from .report import jsonable
-from .trainer import LWFTrainer
+from ..trainer import LWFTrainer
 
 
 INSPECT_JSON = "inspect.json"

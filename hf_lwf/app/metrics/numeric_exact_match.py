@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from hf_lwf.tasks import extract_number
+from hf_lwf.app.tasks import extract_number
 
 
 _DESCRIPTION = """

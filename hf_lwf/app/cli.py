@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from transformers import HfArgumentParser
 
-from . import __version__
-from .config import LWFTrainingArguments
+from .. import __version__
+from ..config import LWFTrainingArguments
 
 
 PROG = "hf-lwf"
@@ -288,6 +288,16 @@ def parse_command(
         parser.error(str(err))
 
 
+def hardware_defaults(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``use_cpu=True`` on a machine without an accelerator, so that a config written for a GPU (``bf16: true``)
+    runs as written on a CPU instead of stopping in ``TrainingArguments``; a given ``use_cpu`` always wins."""
+    import torch
+
+    accelerated = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or (
+        torch.backends.mps.is_available())
+    return {} if accelerated else {"use_cpu": True}
+
+
 def _setup_logging(training_args=None) -> None:
     level = logging.INFO
     if training_args is not None and not training_args.should_log:
@@ -357,7 +367,7 @@ def _load_model(model_args):
 
 def run_train(argv: Sequence[str]) -> int:
     parser = train_parser()
-    model_args, data_args, command_args, training_args = parse_command(parser, argv)
+    model_args, data_args, command_args, training_args = parse_command(parser, argv, defaults=hardware_defaults)
     if command_args.lwf and training_args.lwf_forget_prompts is None:
         parser.error("--lwf_forget_prompts is required (or --no_lwf for plain fine-tuning).")
     _setup_logging(training_args)
@@ -366,7 +376,7 @@ def run_train(argv: Sequence[str]) -> int:
 
     from .learning_data import LearningCollator
     from .report import REPORT_JSON, final_loss, loss_curve, lwf_summary, write_plots, write_report
-    from .trainer import LWFTrainer
+    from ..trainer import LWFTrainer
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -446,7 +456,7 @@ def inspect_parser() -> HfArgumentParser:
 
 def run_inspect(argv: Sequence[str]) -> int:
     parser = inspect_parser()
-    model_args, data_args, inspect_args, training_args = parse_command(parser, argv)
+    model_args, data_args, inspect_args, training_args = parse_command(parser, argv, defaults=hardware_defaults)
     if training_args.lwf_forget_prompts is None:
         parser.error("--lwf_forget_prompts is required.")
     if inspect_args.show < 0 or inspect_args.text_width < 10:
@@ -456,7 +466,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     from transformers import set_seed
 
     from .learning_data import LearningCollator
-    from .preview import format_table, run_inspection, save_inspection
+    from .inspect import format_table, run_inspection, save_inspection
 
     set_seed(training_args.seed)
     model, tokenizer = _load_model(model_args)
@@ -496,7 +506,9 @@ def run_demo_command(argv: Sequence[str]) -> int:
     from .demo import demo_defaults, run_demo
 
     parser = demo_parser()
-    demo_args, training_args = parse_command(parser, argv, defaults=lambda user: demo_defaults(bool(user.get("quick"))))
+    demo_args, training_args = parse_command(
+        parser, argv, defaults=lambda user: {**hardware_defaults(), **demo_defaults(bool(user.get("quick")))}
+    )
     if training_args.lwf_forget_prompts is not None:
         parser.error("the demo uses its built-in forgetting prompts; use `hf-lwf train` for your own.")
     _setup_logging(training_args)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import FORGET_PROMPTS, tiny_llama
 
-from hf_lwf.confidence import batch_losses
-from hf_lwf.selfgen import collate_self_data, encode_prompt
-from hf_lwf.unlearn import ForgetSampler, ascent_step, forget_size, select_forget_set
+from hf_lwf.method.common import batch_losses
+from hf_lwf.method.selfgen import collate_self_data, encode_prompt
+from hf_lwf.method.unlearn import ForgetSampler, ascent_step, forget_size, select_forget_set
 
 
 SCORES = torch.tensor([0.5, -1.0, 3.0, 2.0, 0.1, -0.2, 4.0, 1.0])

@@ -10,8 +10,8 @@ import torch
 from conftest import build_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from hf_lwf import models
-from hf_lwf.models import default_cache_dir, find_smollm2_gguf, load_model_and_tokenizer, load_smollm2
+from hf_lwf.app import models
+from hf_lwf.app.models import default_cache_dir, find_smollm2_gguf, load_model_and_tokenizer, load_smollm2
 
 
 def _fake_package(monkeypatch, location):

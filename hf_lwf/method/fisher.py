@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .distributed import all_reduce_, all_reduce_sum_, is_sharded, local_view, reshard, shard_indices
+from ..distributed import all_reduce_, all_reduce_sum_, is_sharded, local_view, reshard, shard_indices
+from .common import TensorDict, sequence_losses
+from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
 
-
-TensorDict = dict[str, torch.Tensor]
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -118,7 +118,7 @@ def empirical_fisher(
     when ``with_mean`` is False, which saves a parameter-sized buffer). Causal-LM examples
     (``input_ids``, ``attention_mask``, ``labels`` only, no custom ``loss_fn``) are right-padded into batches of
     ``batch_size`` and their per-sample gradients come from one forward+backward per batch
-    (:mod:`hf_lwf.persample`); anything else takes one backward per example (:func:`empirical_fisher_reference`).
+    (:mod:`hf_lwf.method.persample`); anything else takes one backward per example (:func:`empirical_fisher_reference`).
     """
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
@@ -126,9 +126,6 @@ def empirical_fisher(
                                   for e in examples):
         fisher, mean = empirical_fisher_reference(model, examples, loss_fn)
         return fisher, (mean if with_mean else None)
-    from .confidence import sequence_losses
-    from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
-
     params = trainable_parameters(model)
     consumer = FisherConsumer(params, with_mean=with_mean)
     # FSDP: every rank runs every example (the forwards are collective) and fills only its own rows.

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from hf_lwf.tasks import FORGET_PROMPTS, extract_number, forget_prompts, format_chat, make_arithmetic_task
+from hf_lwf.app.tasks import FORGET_PROMPTS, extract_number, forget_prompts, format_chat, make_arithmetic_task
 
 
 def _solve(prompt: str) -> tuple[str, tuple[int, ...], int]:

@@ -12,10 +12,10 @@ from conftest import FORGET_PROMPTS, LEARN_TEXTS, build_tokenizer, tiny_llama
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from hf_lwf.cli import TOP_HELP, inspect_parser, main, parse_command, train_parser
+from hf_lwf.app.cli import TOP_HELP, inspect_parser, main, parse_command, train_parser
 from hf_lwf.config import lwf_fields
-from hf_lwf.learning_data import LearningCollator, prepare_learning_dataset
-from hf_lwf.preview import format_table, ranked_samples
+from hf_lwf.app.learning_data import LearningCollator, prepare_learning_dataset
+from hf_lwf.app.inspect import format_table, ranked_samples
 
 
 def _write_jsonl(path, rows):
@@ -263,7 +263,7 @@ def test_inspect_prints_and_saves_the_ranking(workdir, tmp_path, capsys):
 
 
 def test_inspect_applies_no_ascent(workdir, tmp_path):
-    from hf_lwf.preview import ScoreOnlyCallback
+    from hf_lwf.app.inspect import ScoreOnlyCallback
 
     called = []
     original = ScoreOnlyCallback._unlearn
@@ -272,7 +272,7 @@ def test_inspect_applies_no_ascent(workdir, tmp_path):
         called.append(1)
         return original(self, *args, **kwargs)
 
-    import hf_lwf.unlearn as unlearn_module
+    import hf_lwf.method.unlearn as unlearn_module
 
     steps = []
     real_ascent = unlearn_module.ascent_step
@@ -304,9 +304,9 @@ def test_format_table_truncates_and_elides():
 
 
 @pytest.mark.parametrize(
-    "example", sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples")) if p.endswith(".yaml"))
+    "example", sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "..", "examples")) if p.endswith(".yaml"))
 )
 def test_examples_parse(example):
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", example)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", example)
     model_args, data_args, command, args = parse_command(train_parser(), [path, "--use_cpu", "--bf16", "false"])
     assert model_args.model_name_or_path and data_args.dataset and args.lwf_forget_prompts and command.lwf

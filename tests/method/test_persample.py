@@ -4,8 +4,10 @@ import pytest
 import torch
 from conftest import FORGET_PROMPTS, LEARN_TEXTS, tiny_gpt2, tiny_llama
 
-from hf_lwf.confidence import batch_confidence, reference_confidence, score_self_data, sequence_losses
-from hf_lwf.fisher import (
+from hf_lwf.method.confidence import batch_confidence, reference_confidence, score_self_data
+
+from hf_lwf.method.common import sequence_losses
+from hf_lwf.method.fisher import (
     ScoringTerms,
     bias_corrected,
     empirical_fisher,
@@ -18,8 +20,8 @@ from hf_lwf.fisher import (
     update_mask,
     weighted_direction,
 )
-from hf_lwf.persample import FisherConsumer, per_sample_pass
-from hf_lwf.selfgen import collate_self_data, encode_prompt
+from hf_lwf.method.persample import FisherConsumer, per_sample_pass
+from hf_lwf.method.selfgen import collate_self_data, encode_prompt
 
 
 def _batch(tokenizer, n=4):
@@ -238,13 +240,13 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-4)
     _assert_rel(n, n_ref, rtol=1e-4)
-    from hf_lwf.persample import _RMS_RULE
+    from hf_lwf.method.persample import _RMS_RULE
 
     assert _RMS_RULE[OffsetRMSNorm] is False
 
 
 def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
-    from hf_lwf.persample import _RMS_RULE
+    from hf_lwf.method.persample import _RMS_RULE
 
     _RMS_RULE.clear()
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}

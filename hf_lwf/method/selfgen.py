@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .distributed import gather_objects, is_sharded, rank_and_world
+from ..distributed import gather_objects, is_sharded, rank_and_world
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -1,0 +1,119 @@
+"""The package layout: imports flow one way (app -> plugin -> method), with no import circle.
+
+The graph is read from the source with ``ast``, so function-level imports count too: a late import cannot hide a
+circle.
+"""
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hf_lwf"
+# The plugin's wiring: what the method must never import.
+WIRING = {"hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.modelcard"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    """Absolute names of the modules an ``from ... import ...`` statement loads (submodules included)."""
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [target] + [f"{target}.{alias.name}" for alias in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                targets = resolve(name, path.name == "__init__.py", node)
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in files and t != name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]], ignore: set[str]) -> list[str] | None:
+    """A circle among the modules outside ``ignore``, or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node] - ignore):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(set(graph) - ignore):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_graph_sees_the_modules():
+    graph = import_graph()
+    assert {"hf_lwf.callback", "hf_lwf.method.fisher", "hf_lwf.app.cli", "hf_lwf.baselines.l2sp"} <= set(graph)
+    assert "hf_lwf.method.fisher" in graph["hf_lwf.callback"]
+    assert "hf_lwf.method.common" in graph["hf_lwf.method.persample"]
+
+
+def test_no_import_circle():
+    # A package's ``__init__`` re-exports its submodules, so "parent imports child" edges are left out of the
+    # circle check (a child reaching its parent's __init__ is how ``from .. import x`` works).
+    graph = import_graph()
+    acyclic = {m: {t for t in e if not t.startswith(m + ".")} for m, e in graph.items()}
+    assert find_cycle(acyclic, ignore={"hf_lwf"}) is None
+
+
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if m.startswith("hf_lwf.method")))
+def test_method_imports_neither_wiring_nor_app(module):
+    bad = {t for t in import_graph()[module] if t in WIRING or t == "hf_lwf" or t.startswith("hf_lwf.app")}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in import_graph() if not m.startswith(("hf_lwf.app", "hf_lwf.method")) and m != "hf_lwf.__main__")
+)
+def test_plugin_does_not_import_app(module):
+    bad = {t for t in import_graph()[module] if t.startswith("hf_lwf.app")}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_checker_finds_a_circle_and_an_upward_import(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert find_cycle(graph, ignore=set()) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}, ignore=set()) is None
+    node = ast.parse("from ..callback import LWFCallback").body[0]
+    assert "hf_lwf.callback" in resolve("hf_lwf.method.fisher", False, node)
+
+
+def test_public_entry_points_unchanged():
+    import hf_lwf
+
+    for name in ("LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments",
+                 "LWFUnlearningError", "__version__"):
+        assert hasattr(hf_lwf, name)
+    setup = (PACKAGE.parent / "setup.cfg").read_text()
+    assert "hf-lwf = hf_lwf.app.cli:main" in setup
+    assert os.path.exists(PACKAGE / "__main__.py")
