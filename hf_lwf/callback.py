@@ -545,7 +545,9 @@ def _fsdp_offloads(args, model=None) -> bool:
     ``TrainingArguments.fsdp``, ``offload_params``/``cpu_offload`` in ``fsdp_config``, accelerate's
     ``FSDP_OFFLOAD_PARAMS``, or a sharded parameter held on the CPU of a mesh that computes elsewhere."""
     options = getattr(args, "fsdp", None) or []
-    options = options.split() if isinstance(options, str) else [getattr(o, "value", o) for o in options]
+    if isinstance(options, str):
+        options = options.split()
+    options = [getattr(o, "value", o) for o in options] if isinstance(options, (list, tuple)) else []
     config = getattr(args, "fsdp_config", None) or {}
     if "offload" in options or any(config.get(k) in (True, "true", "True") for k in
                                    ("offload_params", "cpu_offload", "fsdp_offload_params")):
