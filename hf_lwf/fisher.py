@@ -441,6 +441,21 @@ def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: 
     return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
 
 
+def stage_like(tensors: TensorDict, params: dict[str, torch.Tensor]) -> TensorDict:
+    """``tensors`` on their parameters' devices: the ones kept elsewhere (``lwf_state_device='cpu'``, pinned) are
+    copied without blocking, once per scoring round, instead of once per scoring batch. The copies live for the
+    round only, so a round holds F and theta_ref on the GPU as ``lwf_state_device='auto'`` does; the learning steps
+    in between do not."""
+    out = {}
+    for name, t in tensors.items():
+        p = params.get(name)
+        if p is None or is_sharded(t) or t.device == p.device:
+            out[name] = t
+        else:
+            out[name] = t.to(p.device, non_blocking=t.is_pinned())
+    return out
+
+
 class ScoringTerms:
     """``w = M * F * D`` and ``F_M = M * F`` for one parameter (or a block of its rows) at a time.
 
@@ -483,6 +498,9 @@ class ScoringTerms:
         terms = cls()
         terms._fisher, terms._delta, terms._reference, terms._scale = fisher, delta, reference, scale
         terms._params = trainable_parameters(model) if model is not None else None
+        if terms._params is not None:  # F and theta_ref kept on the host: copied to the GPU once for this round
+            terms._fisher = stage_like(fisher, terms._params)
+            terms._reference = stage_like(reference, terms._params) if reference is not None else None
         if mask_ratio < 1.0:
             total = sum(f.numel() for f in fisher.values())
             keep = max(1, int(round(mask_ratio * total)))

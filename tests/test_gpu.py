@@ -63,6 +63,22 @@ def test_bf16_weights_end_to_end_on_the_gpu(tokenizer, tmp_path):
     assert all(f.dtype == torch.float32 for f in state.fisher.values())
 
 
+def test_state_on_the_host_is_pinned_and_gives_the_same_run(tokenizer, tmp_path):
+    def run(device):
+        torch.manual_seed(0)
+        trainer = _trainer(tokenizer, _gpu_args(tmp_path / device, bf16=True, lwf_state_device=device,
+                                                full_determinism=True))
+        trainer.train()
+        return trainer
+
+    on_gpu, on_host = run("auto"), run("cpu")
+    state = on_host.lwf_callback.lwf_state
+    assert all(f.device.type == "cpu" and f.is_pinned() for f in state.fisher.values())
+    assert all(r.device.type == "cpu" and r.is_pinned() for r in state.reference.values())
+    assert state.forget_indices == on_gpu.lwf_callback.lwf_state.forget_indices
+    torch.testing.assert_close(_flat(on_host.model), _flat(on_gpu.model), rtol=1e-4, atol=1e-5)
+
+
 def test_online_fisher_update_does_not_sync_with_the_host():
     torch.manual_seed(0)
     params = {"w": torch.zeros(64, 32, device="cuda"), "b": torch.zeros(32, device="cuda"),

@@ -150,6 +150,17 @@ def test_update_over_parameters_on_several_devices():
     assert fisher["a"].tolist() == [0.5] * 3 and fisher["b"].device.type == "meta"
 
 
+def test_state_kept_on_the_host_is_staged_once_per_scoring_round():
+    from hf_lwf.fisher import stage_like
+
+    params = {"w": torch.zeros(2, 3, device="meta"), "b": torch.zeros(3)}
+    host = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+    staged = stage_like(host, params)
+    assert staged["w"].device.type == "meta" and staged["b"] is host["b"]  # moved where needed, else untouched
+    terms = ScoringTerms.from_state(host, delta={"w": torch.ones(2, 3), "b": torch.ones(3)})
+    assert terms._fisher is host  # no model: nothing to stage against
+
+
 # ---------------------------------------------------------------------------------------- theta_ref, devices
 def test_theta_ref_is_kept_exactly_in_the_parameters_dtype(tokenizer):
     model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
