@@ -277,8 +277,9 @@ def empirical_fisher(
             model.train(was_training)
         names = sorted(params)
         sums = consumer.sums or {}
-        if not sharded:
-            all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
+        if not sharded:  # in place, one parameter at a time: no concatenated fp32 copy of the model
+            for tensor in [consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums]:
+                all_reduce_(tensor)
         if scale <= 1.0 or _all_finite(consumer.squares):
             break
         del consumer
