@@ -304,13 +304,14 @@ class LWFCallback(TrainerCallback):
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
                 (fisher, _), scale = fisher_lib.empirical_fisher(
-                    model, examples, batch_size=config.lwf_fisher_batch_size, chunk_elements=config.lwf_score_chunk_size,
-                    with_mean=False, loss_scale=_loss_scale(optimizer),
+                    model, examples, batch_size=config.lwf_fisher_batch_size,
+                    chunk_elements=config.lwf_score_chunk_size, with_mean=False, loss_scale=_loss_scale(optimizer),
                 ), 1.0
             terms = fisher_lib.ScoringTerms.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
             )
-            self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point, loss_scale=_loss_scale(optimizer))
+            self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point,
+                                   loss_scale=_loss_scale(optimizer))
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
         lwf.reference = fisher_lib.snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref

@@ -57,8 +57,8 @@ def online_fisher_update_(
     gradients (upcast inside the kernel: no gradient copy, no per-parameter Python loop, no host sync). Non-finite
     gradients are not filtered here: the caller skips steps the optimizer skips (fp16 overflow), and a non-finite
     ``F`` is caught at the next unlearning point (:func:`check_finite`). bf16 ``F``: each parameter is updated in
-    fp32 and rounded stochastically to bf16 (random bits from ``seed``: pass a new one each step), so the decrement of a decay close to 1 is not
-    rounded away; this path loops over parameters and forms one fp32 temporary at a time.
+    fp32 and rounded stochastically to bf16 (random bits from ``seed``: pass a new one each step), so the decrement
+    of a decay close to 1 is not rounded away; this path loops over parameters, one fp32 temporary at a time.
 
     ``F`` on another device than the gradients (``lwf_state_device='cpu'``): the gradients are copied into pinned
     host buffers (non-blocking, one wait per step) and the update runs there. Under FSDP2 the gradients and ``F``
@@ -68,7 +68,7 @@ def online_fisher_update_(
     sharded = is_sharded(live.values()) or is_sharded(fisher.values())
     if sharded and device is not None:
         raise ValueError("Under FSDP the Fisher is sharded like the parameters: `lwf_state_device='cpu'` is not "
-                         "supported there (FSDP's own CPU offloading moves parameters and state together).")
+                         "supported there (the shards already divide its memory by the number of ranks).")
     for name, g in live.items():
         if name not in fisher:
             fisher[name] = torch.zeros_like(g, dtype=dtype, device=None if sharded else (device or g.device),
@@ -81,8 +81,9 @@ def online_fisher_update_(
     for group in _by_device(wide, fs).values():
         f_list = [fs[n] for n in group]
         pairs = [n for n in group if n in gs]
-        scale = grad_scale.to(f_list[0].device, torch.float32, non_blocking=True) if torch.is_tensor(grad_scale) \
-            else grad_scale
+        device_ = f_list[0].device
+        scale = grad_scale.to(device_, torch.float32, non_blocking=device_.type != "cpu") \
+            if torch.is_tensor(grad_scale) else grad_scale
         if torch.is_tensor(scale):  # F <- ((F * decay / w) + g**2) * w with the weight w a device tensor
             weight = (1 - decay) / scale.square()
             torch._foreach_mul_(f_list, decay / weight)
@@ -169,8 +170,8 @@ _PINNED: dict[tuple, torch.Tensor] = {}
 
 
 def _staged(grads: TensorDict, fisher: TensorDict) -> TensorDict:
-    """The gradients on their ``F``'s device; copies to the host go through reused pinned buffers, non-blocking,
-    followed by one wait for all of them."""
+    """The gradients on their ``F``'s device; copies to the host go through pinned buffers (kept per parameter name
+    and shape, reused every step), non-blocking, followed by one wait for all of them."""
     moved, waits = {}, False
     for n, g in grads.items():
         target = fisher[n].device

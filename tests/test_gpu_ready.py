@@ -307,3 +307,29 @@ def test_bf16_weights_train_end_to_end_on_cpu(tokenizer, tmp_path):
     assert all(torch.isfinite(torch.tensor(state.scores)))
     after = torch.cat([p.detach().float().reshape(-1) for p in trainer.model.parameters()])
     assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_fp16_lwf_trainer_updates_the_fisher_after_the_step_with_the_pre_clip_gradients(tokenizer, tmp_path):
+    """Under a loss scaler LWFTrainer defers the update to on_optimizer_step and divides by the clip coefficient:
+    the F of a clipped run equals the unclipped one (the scaler is a CPU GradScaler at scale 1, standing in for
+    fp16 on a GPU, where the wiring is the same)."""
+
+    def fisher(max_grad_norm, scaler):
+        args = lwf_args(tmp_path / f"{max_grad_norm}-{scaler}", max_steps=1, lwf_unlearn_every=100,
+                        max_grad_norm=max_grad_norm)
+        trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
+                             processing_class=tokenizer, data_collator=lm_collator(tokenizer))
+        if scaler:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        calls = []
+        original = trainer.lwf_callback.update_fisher
+        trainer.lwf_callback.update_fisher = lambda *a, **k: (calls.append(k.get("grad_scale", 1.0)), original(*a, **k))
+        trainer.train()
+        state = trainer.lwf_callback.lwf_state
+        assert state.fisher_updates == 1
+        return torch.cat([f.reshape(-1) for _, f in sorted(state.fisher.items())]), calls
+
+    unclipped, _ = fisher(0.0, False)
+    deferred, calls = fisher(1e-3, True)
+    assert any(torch.is_tensor(c) and float(c) < 1e-2 for c in calls)  # the clip coefficient reached the update
+    torch.testing.assert_close(deferred, unclipped, rtol=1e-4, atol=1e-12)
