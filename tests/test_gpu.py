@@ -66,8 +66,7 @@ def test_bf16_weights_end_to_end_on_the_gpu(tokenizer, tmp_path):
 def test_state_on_the_host_is_pinned_and_gives_the_same_run(tokenizer, tmp_path):
     def run(device):
         torch.manual_seed(0)
-        trainer = _trainer(tokenizer, _gpu_args(tmp_path / device, bf16=True, lwf_state_device=device,
-                                                full_determinism=True))
+        trainer = _trainer(tokenizer, _gpu_args(tmp_path / device, bf16=True, lwf_state_device=device))
         trainer.train()
         return trainer
 
@@ -76,7 +75,7 @@ def test_state_on_the_host_is_pinned_and_gives_the_same_run(tokenizer, tmp_path)
     assert all(f.device.type == "cpu" and f.is_pinned() for f in state.fisher.values())
     assert all(r.device.type == "cpu" and r.is_pinned() for r in state.reference.values())
     assert state.forget_indices == on_gpu.lwf_callback.lwf_state.forget_indices
-    torch.testing.assert_close(_flat(on_host.model), _flat(on_gpu.model), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_flat(on_host.model), _flat(on_gpu.model), rtol=1e-3, atol=1e-4)
 
 
 def test_online_fisher_update_does_not_sync_with_the_host():
@@ -99,24 +98,40 @@ def test_online_fisher_update_does_not_sync_with_the_host():
     assert float(fisher["idle"].abs().sum()) == 0.0
 
 
-def test_resume_on_cuda_is_exact_with_the_state_on_the_parameters_device(tokenizer, tmp_path):
-    def run(path, resume=None, max_steps=6):
+class _Stop(Exception):
+    pass
+
+
+def test_resume_on_cuda_continues_the_run_with_the_state_on_the_parameters_device(tokenizer, tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):  # the run dies after checkpoint-4
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise _Stop()
+
+    def run(path, resume=None, crash=False):
         torch.manual_seed(0)
-        args = _gpu_args(path, max_steps=max_steps, save_strategy="steps", save_steps=2, bf16=True,
-                         full_determinism=True)
+        args = _gpu_args(path, save_strategy="steps", save_steps=2, bf16=True)
         trainer = _trainer(tokenizer, args)
-        trainer.train(resume_from_checkpoint=resume)
+        if crash:
+            trainer.add_callback(Crash())
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except _Stop:
+            pass
         return trainer
 
     whole = run(tmp_path / "whole")
-    run(tmp_path / "part", max_steps=4)
+    run(tmp_path / "part", crash=True)
     resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-4"))
     state = resumed.lwf_callback.lwf_state
     params = trainable_parameters(resumed.model)
     assert all(state.fisher[n].device == params[n].device for n in params)
     assert all(state.reference[n].device == params[n].device for n in params)
-    assert state.unlearn_points == whole.lwf_callback.lwf_state.unlearn_points
-    torch.testing.assert_close(_flat(resumed.model), _flat(whole.model), rtol=1e-4, atol=1e-5)
+    assert state.unlearn_points == whole.lwf_callback.lwf_state.unlearn_points == 3
+    assert state.forget_indices == whole.lwf_callback.lwf_state.forget_indices
+    torch.testing.assert_close(_flat(resumed.model), _flat(whole.model), rtol=1e-3, atol=1e-4)  # GPU atomics
 
 
 @two_gpus
