@@ -319,6 +319,49 @@ def bench_step_overhead(model, tokenizer, w) -> dict:
             "batch": "4 sequences of ~64 tokens"}
 
 
+def bench_fisher_bf16(model, tokenizer, w) -> dict:
+    """The online Fisher (fp32 F) on a model with bf16 weights: its per-step cost against a vanilla bf16 step.
+
+    Both ways are timed interleaved in one process: the update alone over a step's bf16 gradients (one fused pass,
+    no gradient copy) against the vanilla step (forward, backward, AdamW); and a whole step with the update against
+    one without it."""
+    import copy
+
+    from hf_lwf.method.common import batch_losses
+    from hf_lwf.method.fisher import online_fisher_update_, trainable_parameters, zeros_like_parameters
+
+    half = copy.deepcopy(model).to(torch.bfloat16).train()
+    _, batches = self_data_batches(half, tokenizer, dict(w, samples=4, batch=4, prompt=16, response=48))
+    batch = batches[0]
+    params = trainable_parameters(half)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-7)
+    fisher = zeros_like_parameters(params)
+    grads = lambda: {n: p.grad for n, p in params.items()}  # noqa: E731
+
+    def vanilla_step():
+        optimizer.zero_grad(set_to_none=True)
+        batch_losses(half, batch).mean().backward()
+        optimizer.step()
+
+    def lwf_step():
+        optimizer.zero_grad(set_to_none=True)
+        batch_losses(half, batch).mean().backward()
+        online_fisher_update_(fisher, grads(), 0.95)
+        optimizer.step()
+
+    def update():
+        online_fisher_update_(fisher, grads(), 0.95)
+
+    repeats = w.get("fisher_repeats", 3 * w["repeats"])
+    t = interleaved({"vanilla_step": vanilla_step, "lwf_step": lwf_step, "fisher_update": update}, repeats,
+                    warmup=lambda: (vanilla_step(), lwf_step()))
+    assert all(f.dtype == torch.float32 for f in fisher.values())
+    del half, optimizer
+    return {"seconds": t, "overhead": t["fisher_update"] / t["vanilla_step"],
+            "step_ratio": t["lwf_step"] / t["vanilla_step"], "weights": "bfloat16", "fisher": "float32",
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "batch": "4 sequences of ~64 tokens"}
+
+
 def bench_trainer_overhead(model_name: str, w) -> dict:
     """Median Trainer step time, vanilla vs LWF on steps with no unlearning point (same process)."""
     from transformers import Trainer, TrainerCallback
@@ -460,6 +503,9 @@ TARGETS = [  # (label, path in the model's results, target, baseline description
     ("generation tokens/s, length-sorted batches", ("generation", "sorted_over_unsorted_tokens_per_second"), None,
      "unsorted batches (speed-up)"),
     ("per-step overhead: online Fisher update", ("step_overhead", "overhead"), 0.03, "vanilla step (fwd+bwd+AdamW)"),
+    ("per-step overhead: online Fisher, bf16 weights, fp32 F (fused)", ("fisher_bf16", "overhead"), 0.03,
+     "vanilla bf16 step (fwd+bwd+AdamW)"),
+    ("whole step with the online Fisher, bf16 weights", ("fisher_bf16", "step_ratio"), None, "vanilla bf16 step"),
     ("per-step overhead in a Trainer (steps without unlearning)", ("trainer_overhead", "overhead"), 0.03,
      "vanilla Trainer step"),
     ("end-to-end, demo schedule", ("end_to_end", "ratio"), 1.15, "vanilla Trainer run"),
@@ -573,7 +619,7 @@ def save(path: str, result: dict) -> None:
         json.dump(result, handle, indent=2, sort_keys=True)
 
 
-SECTIONS = ("scoring", "generation", "step_overhead", "trainer_overhead", "end_to_end", "end_to_end_quick", "memory")
+SECTIONS = ("scoring", "generation", "step_overhead", "fisher_bf16", "trainer_overhead", "end_to_end", "end_to_end_quick", "memory")
 
 
 def main(argv=None) -> None:
@@ -586,6 +632,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick-schedule", action="store_true",
                         help="end_to_end on the demo's --quick schedule instead of its full one.")
     parser.add_argument("--report-only", action="store_true", help="Regenerate docs/benchmarks.md from the JSON files.")
+    parser.add_argument("--out", default=None,
+                        help="Write the results JSON here instead of benchmarks/results (no docs update).")
     parser.add_argument("--memory-child", nargs=4, metavar=("MODEL", "KIND", "STEPS", "EVERY"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -602,7 +650,7 @@ def main(argv=None) -> None:
         return
     info = machine()
     name = args.machine or machine_slug(info)
-    path = os.path.join(results_dir, f"{name}.json")
+    path = args.out or os.path.join(results_dir, f"{name}.json")
     previous = {}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
@@ -619,7 +667,7 @@ def main(argv=None) -> None:
         r["torch_threads"] = torch.get_num_threads()
         model, tokenizer = load(model_name)
         for section, fn in (("scoring", bench_scoring), ("generation", bench_generation),
-                            ("step_overhead", bench_step_overhead)):
+                            ("step_overhead", bench_step_overhead), ("fisher_bf16", bench_fisher_bf16)):
             if section in sections:
                 start = time.perf_counter()
                 r[section] = fn(model, tokenizer, w)
@@ -635,6 +683,9 @@ def main(argv=None) -> None:
                 r[section] = fn()
                 print(f"[{model_name}] {section}: {time.perf_counter() - start:.0f} s", flush=True)
                 save(path, result)
+    if args.out:
+        print(f"wrote {path}")
+        return
     write_report(results_dir, docs_path)
     print(f"wrote {path} and {docs_path}")
 

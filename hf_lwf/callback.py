@@ -24,7 +24,7 @@ from .method import fisher as fisher_lib
 from .config import GENERATION_FIELDS, LWFConfig, config_from_args
 from .method.confidence import score_self_data
 from .data import load_forget_prompts
-from .distributed import is_sharded, local_rows
+from .distributed import input_device, is_sharded, local_rows
 from .modelcard import install_card_section, lwf_card_section
 from .method.selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
 from .state import SELF_DATA_DIR, STATE_JSON, LWFState, write_config
@@ -70,6 +70,7 @@ class LWFCallback(TrainerCallback):
         self._saved_step: int | None = None
         self._step_lr: float | None = None
         self._fisher_step: int | None = None
+        self._clip_coefficient: torch.Tensor | None = None  # fp16 under LWFTrainer: F is updated after the step
         self.is_adapter = False
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -123,7 +124,14 @@ class LWFCallback(TrainerCallback):
             )
         if self.config.lwf_state_device == "cpu":
             raise ValueError("`lwf_state_device='cpu'` is not supported under FSDP: LWF's state is sharded like the "
-                             "parameters (use FSDP's CPU offloading to move both).")
+                             "parameters, so FSDP2 already divides its memory by the number of ranks.")
+        if _fsdp_offloads(args, model):
+            raise ValueError(
+                "hf_lwf does not support FSDP2 with CPU offloading (`fsdp='... offload'`, `fsdp_offload_params`, "
+                "`CPUOffloadPolicy`): the offloaded shards and their gradients live on the host while the layers run "
+                "on the GPU, and LWF's per-sample scoring would mix the two. Use FSDP2 without offloading (LWF's "
+                "state is sharded like the parameters), or more ranks; see docs/distributed.md."
+            )
 
     def check_train_dataset(self, dataset) -> None:
         """The empirical Fisher and the early schedule draw learning examples by index: they need a map-style set."""
@@ -160,6 +168,7 @@ class LWFCallback(TrainerCallback):
         self.is_adapter = hasattr(model, "peft_config")  # PEFT: only the adapter is saved and pushed
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
+        self._clip_coefficient = None
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
         if not self._restore(args, state, current, model):
@@ -238,21 +247,27 @@ class LWFCallback(TrainerCallback):
         return "cpu" if self.config.lwf_state_device == "cpu" else None
 
     # ----------------------------------------------------------------------------------- learning steps
-    def update_fisher(self, model, step: int, grad_scale: float = 1.0) -> None:
-        """Fold this step's gradients (divided by ``grad_scale``, the fp16 loss scale) into the online Fisher.
+    def update_fisher(self, model, step: int, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """Fold this step's gradients (divided by ``grad_scale``) into the online Fisher, on the device, no host sync.
 
-        ``LWFTrainer`` calls it before gradient clipping; the callback alone calls it from ``on_optimizer_step``,
-        after clipping (a callback sees no earlier gradients). Non-finite gradients (an fp16 overflow, whose
-        optimizer step is skipped too) contribute nothing.
+        ``LWFTrainer`` calls it before gradient clipping (bf16/fp32), or after an fp16 step that was not skipped with
+        ``grad_scale`` the clipping coefficient (the gradients are then unscaled and clipped; dividing by the
+        coefficient gives the pre-clip ones). The callback alone calls it from ``on_optimizer_step``, after clipping
+        (a callback sees no earlier gradients). Steps the optimizer skipped (fp16 overflow) contribute nothing.
+        Every trainable parameter has an entry from the first step on; one without a gradient decays with g = 0.
         """
         if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online" or self._fisher_step == step:
             return
         self._fisher_step = step
-        grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
+        params = fisher_lib.trainable_parameters(model)
         dtype = getattr(torch, self.config.lwf_fisher_dtype)
-        if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay, dtype=dtype,
-                                            device=self._state_device, grad_scale=grad_scale):
-            self.lwf_state.fisher_updates += 1
+        lwf = self.lwf_state
+        if not lwf.fisher:
+            lwf.fisher = fisher_lib.zeros_like_parameters(params, dtype=dtype, device=self._state_device)
+        fisher_lib.online_fisher_update_(lwf.fisher, {n: p.grad for n, p in params.items()},
+                                         self.config.lwf_fisher_decay, dtype=dtype, device=self._state_device,
+                                         grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates)
+        lwf.fisher_updates += 1
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
@@ -261,7 +276,8 @@ class LWFCallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):
             self._fisher_step = state.global_step
             return
-        self.update_fisher(model, state.global_step)
+        coefficient, self._clip_coefficient = self._clip_coefficient, None
+        self.update_fisher(model, state.global_step, grad_scale=1.0 if coefficient is None else coefficient)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                     train_dataloader=None, **kwargs):
@@ -283,16 +299,19 @@ class LWFCallback(TrainerCallback):
         if point == 1 or rescore or not lwf.scores:
             # w, M * F, D and the bias correction are formed per parameter block inside scoring (fisher.ScoringTerms).
             if config.lwf_fisher == "online":
+                fisher_lib.check_finite(lwf.fisher)
                 fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
                 (fisher, _), scale = fisher_lib.empirical_fisher(
-                    model, examples, chunk_elements=config.lwf_score_chunk_size, with_mean=False
+                    model, examples, batch_size=config.lwf_fisher_batch_size,
+                    chunk_elements=config.lwf_score_chunk_size, with_mean=False, loss_scale=_loss_scale(optimizer),
                 ), 1.0
             terms = fisher_lib.ScoringTerms.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
             )
-            self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point)
+            self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point,
+                                   loss_scale=_loss_scale(optimizer))
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
         lwf.reference = fisher_lib.snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
@@ -302,11 +321,14 @@ class LWFCallback(TrainerCallback):
         """The ``early`` ablation: all ascent steps before fine-tuning, scored with the empirical Fisher."""
         config = self.config
         examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed)
-        curvature, delta = fisher_lib.empirical_fisher(model, examples, chunk_elements=config.lwf_score_chunk_size)
+        curvature, delta = fisher_lib.empirical_fisher(model, examples, batch_size=config.lwf_fisher_batch_size,
+                                                       chunk_elements=config.lwf_score_chunk_size,
+                                                       loss_scale=_loss_scale(optimizer))
         for g in delta.values():
             g.mul_(-args.learning_rate)  # D = -eta * mean learning gradient, in place
         terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio)
-        self._score_and_select(args, model, terms, args.learning_rate, seed=config.lwf_seed)
+        self._score_and_select(args, model, terms, args.learning_rate, seed=config.lwf_seed,
+                               loss_scale=_loss_scale(optimizer))
         del curvature, delta, terms
         periods = max(1, state.max_steps // config.lwf_unlearn_every) if state.max_steps > 0 else 1
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps * periods)
@@ -314,13 +336,13 @@ class LWFCallback(TrainerCallback):
         self.lwf_state.reference = fisher_lib.snapshot(model, out=self.lwf_state.reference)
         self._finish_point(state.global_step)
 
-    def _score_and_select(self, args, model, terms, lr: float, seed: int) -> None:
+    def _score_and_select(self, args, model, terms, lr: float, seed: int, loss_scale: float = 1.0) -> None:
         config, lwf = self.config, self.lwf_state
         start = time.perf_counter()
         scores = score_self_data(
             model, self.self_data, self._pad_id, terms, None, lr,
             mode=config.lwf_confidence, batch_size=config.lwf_score_batch_size, show_progress=_show_progress(args),
-            chunk_elements=config.lwf_score_chunk_size,
+            chunk_elements=config.lwf_score_chunk_size, loss_scale=loss_scale,
         )
         finite = torch.isfinite(scores)
         if not finite.all():
@@ -356,7 +378,7 @@ class LWFCallback(TrainerCallback):
             self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
             return
         step_optimizer = self._unlearning_optimizer(args, model, optimizer)
-        device = next(model.parameters()).device
+        device = input_device(model)
         loss_scale = _loss_scale(optimizer)
         losses, dropped, applied = [], 0, 0
         for _ in range(steps):
@@ -405,7 +427,7 @@ class LWFCallback(TrainerCallback):
             )
         generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(dataset), generator=generator)[: self.config.lwf_fisher_samples].tolist()
-        device = next(model.parameters()).device
+        device = input_device(model)
         examples = []
         for i in indices:
             batch = train_dataloader.collate_fn([dataset[i]])
@@ -517,6 +539,26 @@ def _sharded_engine(args) -> str | None:
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "FSDP"
     return None
+
+
+def _fsdp_offloads(args, model=None) -> bool:
+    """Whether FSDP is asked to (or does) keep the parameter shards on the host: the ``offload`` option of
+    ``TrainingArguments.fsdp``, ``offload_params``/``cpu_offload`` in ``fsdp_config``, accelerate's
+    ``FSDP_OFFLOAD_PARAMS``, or a sharded parameter held on the CPU of a mesh that computes elsewhere."""
+    options = getattr(args, "fsdp", None) or []
+    if isinstance(options, str):
+        options = options.split()
+    options = [getattr(o, "value", o) for o in options] if isinstance(options, (list, tuple)) else []
+    config = getattr(args, "fsdp_config", None) or {}
+    if "offload" in options or any(config.get(k) in (True, "true", "True") for k in
+                                   ("offload_params", "cpu_offload", "fsdp_offload_params")):
+        return True
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        return True
+    if model is None:
+        return False
+    return any(is_sharded(p) and p.to_local().device.type == "cpu" and p.device_mesh.device_type != "cpu"
+               for p in model.parameters())
 
 
 def _loss_scale(optimizer) -> float:

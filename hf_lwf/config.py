@@ -172,7 +172,20 @@ class LWFConfig:
             "fine-tuning, with the empirical Fisher)."
         },
     )
-    lwf_score_batch_size: int = field(default=8, metadata={"help": "Step 3: self-generated samples per scoring batch."})
+    lwf_score_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Step 3: self-generated samples per scoring batch; with lwf_fisher_batch_size it bounds the "
+            "activations and fp32 logits held at once (memory model in docs/benchmarks.md)."
+        },
+    )
+    lwf_fisher_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Step 2: learning examples per forward+backward of the empirical Fisher (lwf_fisher='empirical' "
+            "and the 'early' schedule); lower it if that pass runs out of memory."
+        },
+    )
     lwf_score_chunk_size: int = field(
         default=1 << 25,
         metadata={
@@ -183,15 +196,17 @@ class LWFConfig:
     lwf_fisher_dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
         metadata={
-            "help": "Step 2: storage dtype of the online Fisher F. 'bfloat16' halves its memory; measured on SmolLM2: "
-            "1.5e-4 relative score error, same ranking (docs/benchmarks.md)."
+            "help": "Step 2: storage dtype of the online Fisher F. 'bfloat16' halves its memory; it is updated in fp32 "
+            "and rounded stochastically, so it keeps decaying at lwf_fisher_decay close to 1 (measured on SmolLM2: "
+            "1.5e-4 relative score error, same ranking; docs/benchmarks.md)."
         },
     )
     lwf_state_device: Literal["auto", "cpu"] = field(
         default="auto",
         metadata={
-            "help": "Where F and theta_ref live: 'auto' next to their parameters; 'cpu' in host memory, which frees "
-            "two parameter-sized fp32 buffers on the accelerator at the cost of a gradient copy to the host per step."
+            "help": "Where F and theta_ref live: 'auto' next to their parameters; 'cpu' in pinned host memory, which "
+            "frees F and theta_ref on the accelerator at the cost of a non-blocking gradient copy to the host and one "
+            "wait per step."
         },
     )
     lwf_seed: int = field(default=42, metadata={"help": "Seed of generation, selection and the D_U sampler."})
@@ -215,6 +230,7 @@ class LWFConfig:
             "lwf_unlearn_steps",
             "lwf_unlearn_batch_size",
             "lwf_score_batch_size",
+            "lwf_fisher_batch_size",
             "lwf_score_chunk_size",
         )
         for name in positive_ints:

@@ -133,6 +133,48 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's inputs (and so LWF's batches and per-sample sums) belong on.
+
+    Not ``next(model.parameters()).device``: under FSDP2 with CPU offloading the shards live on the host while the
+    computation runs on the mesh's accelerator, and with a ``device_map`` (accelerate's dispatch, several GPUs) the
+    first parameter may sit on any device, or on ``meta``. In order: an FSDP2 mesh's device; the execution device
+    accelerate's hook assigns to the input embeddings; the input embeddings' own device; the first parameter not on
+    ``meta``.
+    """
+    params = list(model.parameters())
+    sharded = next((p for p in params if is_sharded(p)), None)
+    if sharded is not None:
+        kind = sharded.device_mesh.device_type
+        return torch.device("cpu") if kind == "cpu" else torch.device(kind, _current_index(kind))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    for p in params:
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _current_index(kind: str) -> int:
+    module = getattr(torch, kind, None)
+    return module.current_device() if module is not None and hasattr(module, "current_device") else 0
+
+
+def collective_device(fallback: torch.device | str) -> torch.device:
+    """A device the default process group's backend accepts tensors on: the current GPU for NCCL (it rejects host
+    tensors), ``fallback`` otherwise (gloo, or a backend per device type)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(fallback)
+
+
 def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
     """All-reduce one tensor in place (sum by default); a no-op in a single process."""
     if is_distributed():

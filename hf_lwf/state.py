@@ -90,6 +90,8 @@ class LWFState:
         do not write pass ``keep=False`` and hold no gathered copy beyond the one being gathered.
         """
         out = {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # pinned host copies of theta_ref are written without blocking
         for group in _TENSOR_GROUPS:
             tensors = getattr(self, group)
             for name in sorted(tensors):

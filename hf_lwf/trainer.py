@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
+from .distributed import full_tensor
 from .modelcard import insert_card_section, lwf_card_section
 from .state import atomic_write_text, write_config
 
@@ -62,11 +64,19 @@ class LWFTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     def _clip_grad_norm(self, model):
-        """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip."""
+        """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip.
+
+        Under an fp16 loss scaler the Fisher waits for the optimizer step (``on_optimizer_step``): only then is it
+        known, without a host sync of our own, whether the step was skipped for overflow. It then reads the
+        unscaled, clipped gradients and divides them by the clipping coefficient, kept here as a device tensor.
+        """
         scaler = getattr(self.accelerator, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step, grad_scale=scale)
-        return super()._clip_grad_norm(model)
+        if scaler is None or not scaler.is_enabled():
+            self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step)
+            return super()._clip_grad_norm(model)
+        norm = super()._clip_grad_norm(model)
+        self.lwf_callback._clip_coefficient = clip_coefficient(norm, self.args.max_grad_norm)
+        return norm
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -91,6 +101,12 @@ class LWFTrainerMixin:
 
 class LWFTrainer(LWFTrainerMixin, Trainer):
     """A :class:`~transformers.Trainer` running Learning With Forgetting (:class:`LWFTrainerMixin` on ``Trainer``)."""
+
+
+def clip_coefficient(norm, max_norm: float):
+    """What ``torch.nn.utils.clip_grad_norm_`` multiplied the gradients by, as a device tensor (no host sync)."""
+    norm = full_tensor(norm) if torch.is_tensor(norm) else torch.tensor(float(norm))
+    return (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
 
 
 def _replace_pickled_args(output_dir: str, args) -> None:

@@ -25,6 +25,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped on a machine without CUDA (they are collected, so `pytest -m gpu` lists them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest single-threaded; extra intra-op threads only contend on a busy 2-core machine."""

@@ -25,6 +25,7 @@ BAD_VALUES = [
     ("lwf_unlearn_steps", 0),
     ("lwf_unlearn_batch_size", 0),
     ("lwf_score_batch_size", 0),
+    ("lwf_fisher_batch_size", 0),
     ("lwf_score_chunk_size", 0),
     ("lwf_score_chunk_size", 2.5),
     ("lwf_fisher_dtype", "float16"),
@@ -133,7 +134,8 @@ def test_defaults():
         lwf_confidence_threshold=0.0, lwf_forget_ratio=None, lwf_forget_top_k=None, lwf_selection="top",
         lwf_per_task_selection=False, lwf_unlearn_every=50, lwf_unlearn_steps=1, lwf_unlearn_batch_size=4,
         lwf_unlearn_coef=1.0, lwf_forget_loss_cap=5.0, lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None,
-        lwf_rescore_every=0, lwf_schedule="periodic", lwf_score_batch_size=8, lwf_score_chunk_size=1 << 25,
+        lwf_rescore_every=0, lwf_schedule="periodic", lwf_score_batch_size=8, lwf_fisher_batch_size=8,
+        lwf_score_chunk_size=1 << 25,
         lwf_fisher_dtype="float32", lwf_state_device="auto", lwf_seed=42,
     )
     assert {f.name for f in lwf_fields()} == set(expected)

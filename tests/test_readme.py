@@ -6,7 +6,6 @@ generations. A command this file does not know fails the test, so the README can
 """
 
 import json
-import os
 import re
 import shlex
 import sys

@@ -13,7 +13,7 @@ TensorDict = dict[str, torch.Tensor]
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (response) tokens of each sequence: shape ``[batch]``."""
     shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
+    shifted_labels = labels[:, 1:].to(logits.device)  # a model split over devices returns logits on its last
     token_losses = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shifted_labels.shape)

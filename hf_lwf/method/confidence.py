@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_sum_, is_sharded, shard_indices
+from ..distributed import all_reduce_, all_reduce_sum_, collective_device, input_device, is_sharded, shard_indices
 from .common import TensorDict, batch_losses, eager_attention, sequence_losses, without_input_require_grads
 from .fisher import ScoringTerms, per_sample_gradients, trainable_parameters
 from .persample import DEFAULT_CHUNK_ELEMENTS, ScoreConsumer, per_sample_pass
@@ -55,15 +55,20 @@ def batch_confidence(
     terms: ScoringTerms,
     norms: bool = True,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(a(x), n(x))`` for every sample of ``batch`` from one forward+backward (``n`` is None unless ``norms``).
 
     With ``norms=False`` only ``a(x)`` is computed, and no per-sample weight gradient is ever formed.
+    ``loss_scale`` S (fp16): the backward runs on S times the loss; ``a`` is divided by S and ``n`` by S**2.
     """
     params = trainable_parameters(model)
     device = batch["input_ids"].device
     consumer = ScoreConsumer(terms, batch["input_ids"].shape[0], device, norms=norms)
-    per_sample_pass(model, batch, consumer, batch_losses, params, chunk_elements)
+    per_sample_pass(model, batch, consumer, batch_losses, params, chunk_elements, loss_scale=loss_scale)
+    if loss_scale != 1.0:
+        consumer.a.div_(loss_scale)
+        consumer.n.div_(loss_scale**2)
     return consumer.a, (consumer.n if norms else None)
 
 
@@ -104,6 +109,7 @@ def score_self_data(
     show_progress: bool = True,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     alignment: str = "hooks",
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """Confidence c(x) of every row of D_self, the same on every rank.
 
@@ -113,9 +119,14 @@ def score_self_data(
 
     Under DDP the rows are split across ranks; under FSDP every rank runs every row and sums over the parameter
     rows of its shard. Either way ``a(x)`` and ``n(x)`` are sums of disjoint parts, added with one all-reduce.
+
+    ``loss_scale`` (the learning step's fp16 loss scale S): each batch's backward runs on S times its loss, as the
+    learning step's does, so small per-sample gradients do not underflow in half precision; ``a`` is divided by S
+    and ``n`` by S**2. A batch with a non-finite result is scored again at S/2, down to S = 1 (an overflow), and
+    a sample still non-finite then is never selected.
     """
     terms = direction if isinstance(direction, ScoringTerms) else ScoringTerms.explicit(direction, curvature)
-    device = next(model.parameters()).device
+    device = input_device(model)
     sharded = is_sharded(model)
     if sharded and mode == "alignment" and alignment == "jvp":
         raise NotImplementedError("The forward-mode (jvp) alignment pass needs whole parameters; under FSDP use the "
@@ -134,7 +145,13 @@ def score_self_data(
             if mode == "alignment" and alignment == "jvp":
                 a, n = alignment_scores_from_terms(model, batch, terms), None
             else:
-                a, n = batch_confidence(model, batch, terms, norms=mode == "deviation", chunk_elements=chunk_elements)
+                scale = float(loss_scale)
+                while True:
+                    a, n = batch_confidence(model, batch, terms, norms=mode == "deviation",
+                                            chunk_elements=chunk_elements, loss_scale=scale)
+                    if scale <= 1.0 or not _overflowed(a, n, sharded):
+                        break
+                    scale = max(1.0, scale / 2)
             a_all[indices] = a.to(device)
             if n is not None:
                 n_all[indices] = n.to(device)
@@ -145,6 +162,15 @@ def score_self_data(
         model.train(was_training)
     all_reduce_sum_([a_all, n_all])
     return combine(a_all, n_all if mode == "deviation" else None, lr, mode).cpu()
+
+
+def _overflowed(a: torch.Tensor, n: torch.Tensor | None, sharded: bool) -> bool:
+    """Whether a scaled batch produced a non-finite number (under FSDP: on any rank, so all ranks retry together)."""
+    bad = (~torch.isfinite(a)).any() | ((~torch.isfinite(n)).any() if n is not None else False)
+    flag = bad.float().reshape(1).to(collective_device(a.device))
+    if sharded:
+        all_reduce_(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def alignment_scores_from_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], terms: ScoringTerms) -> torch.Tensor:

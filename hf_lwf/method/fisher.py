@@ -9,7 +9,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..distributed import all_reduce_, all_reduce_sum_, is_sharded, local_view, reshard, shard_indices
+from ..distributed import (
+    all_reduce_,
+    all_reduce_sum_,
+    collective_device,
+    is_sharded,
+    local_view,
+    reshard,
+    shard_indices,
+)
 from .common import TensorDict, sequence_losses
 from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
 
@@ -27,49 +35,161 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def online_fisher_update_(
     fisher: TensorDict,
-    grads: TensorDict,
+    grads: dict[str, torch.Tensor | None],
     decay: float,
     dtype: torch.dtype = torch.float32,
     device=None,
-    grad_scale: float = 1.0,
-) -> bool:
-    """``F <- decay * F + (1 - decay) * (g / grad_scale)**2`` in place (missing entries start at zero, in ``dtype`` on
-    ``device``, by default fp32 next to the gradient; bf16 or the CPU save memory on large models, see
-    docs/benchmarks.md). ``grad_scale`` is the fp16 loss scale of gradients not yet unscaled.
+    grad_scale: float | torch.Tensor = 1.0,
+    seed: int = 0,
+) -> None:
+    """``F <- decay * F + (1 - decay) * (g / grad_scale)**2`` in place, for every entry of ``F`` and of ``grads``.
 
-    Returns ``False`` and leaves ``F`` untouched when any gradient is non-finite. The check is one fused
-    ``_foreach_norm`` and a single host sync per call; the update is two fused in-place ``_foreach`` kernels, so a
-    learning step costs no extra parameter-sized memory. FSDP2-sharded gradients update the matching shards of F
-    (``DTensor``s laid out like the parameters) locally; only the finiteness flag is agreed across ranks.
+    An entry of ``F`` whose parameter has no gradient this step (``None`` or absent: a conditional layer, an expert
+    no token was routed to) still decays, with ``g = 0``: every parameter's ``F`` averages over the same steps,
+    which is what the bias correction ``1 / (1 - decay**t)`` assumes. An expert never routed keeps ``F = 0``: no
+    curvature, so it adds nothing to ``w`` or ``n(x)`` and the update mask never keeps it. A new entry starts at
+    zero, in ``dtype`` on ``device`` (default: fp32 next to the gradient; see docs/benchmarks.md for the memory).
+
+    ``grad_scale``: what the gradients are still multiplied by (a Python number, or a 0-dim tensor on the device,
+    e.g. the clipping coefficient, so no host sync is needed to read it).
+
+    fp32 ``F``: one fused pass per device, ``_foreach_mul_`` and ``_foreach_addcmul_`` straight from the 16-bit
+    gradients (upcast inside the kernel: no gradient copy, no per-parameter Python loop, no host sync). Non-finite
+    gradients are not filtered here: the caller skips steps the optimizer skips (fp16 overflow), and a non-finite
+    ``F`` is caught at the next unlearning point (:func:`check_finite`). bf16 ``F``: each parameter is updated in
+    fp32 and rounded stochastically to bf16 (random bits from ``seed``: pass a new one each step), so the decrement
+    of a decay close to 1 is not rounded away; this path loops over parameters, one fp32 temporary at a time.
+
+    ``F`` on another device than the gradients (``lwf_state_device='cpu'``): the gradients are copied into pinned
+    host buffers (non-blocking, one wait per step) and the update runs there. Under FSDP2 the gradients and ``F``
+    are ``DTensor`` shards laid out alike and each rank updates its own shard; nothing is communicated.
     """
-    names = [n for n in grads if grads[n] is not None]
-    if not names:
-        return False
-    sharded = is_sharded(grads[n] for n in names)
+    live = {n: g for n, g in grads.items() if g is not None}
+    sharded = is_sharded(live.values()) or is_sharded(fisher.values())
     if sharded and device is not None:
         raise ValueError("Under FSDP the Fisher is sharded like the parameters: `lwf_state_device='cpu'` is not "
-                         "supported there (FSDP's own CPU offloading moves parameters and state together).")
-    gs = [local_view(grads[n].detach()) for n in names]
-    norms = torch._foreach_norm(gs)
-    finite = torch.isfinite(torch.stack([n.float() for n in norms])).all().float()
-    if sharded:  # every rank checks its own shard; all must agree to skip
-        all_reduce_(finite, op=torch.distributed.ReduceOp.MIN)
-    if not bool(finite):
-        return False
-    for name in names:
+                         "supported there (the shards already divide its memory by the number of ranks).")
+    for name, g in live.items():
         if name not in fisher:
-            g = grads[name].detach()
-            fisher[name] = torch.zeros_like(g, dtype=dtype, device=None if sharded else (device or g.device))
-    fs = [local_view(fisher[n]) for n in names]
-    weight = (1 - decay) / grad_scale**2
-    if all(f.dtype == g.dtype == torch.float32 and f.device == g.device for f, g in zip(fs, gs)):
-        torch._foreach_mul_(fs, decay)
-        torch._foreach_addcmul_(fs, gs, gs, value=weight)
-    else:  # low-precision gradients or F kept elsewhere (bf16, CPU): one parameter at a time
-        for f, g in zip(fs, gs):
-            g = g.to(device=f.device, dtype=torch.float32)
-            f.copy_(f.float().mul_(decay).addcmul_(g, g, value=weight))
-    return True
+            fisher[name] = torch.zeros_like(g, dtype=dtype, device=None if sharded else (device or g.device),
+                                            requires_grad=False)
+    names = list(fisher)
+    fs = {n: local_view(fisher[n]) for n in names}
+    gs = {n: local_view(live[n].detach()) for n in names if n in live}
+    gs = _staged(gs, fs)
+    wide = [n for n in names if fs[n].dtype == torch.float32]
+    for group in _by_device(wide, fs).values():
+        f_list = [fs[n] for n in group]
+        pairs = [n for n in group if n in gs]
+        device_ = f_list[0].device
+        scale = grad_scale.to(device_, torch.float32, non_blocking=device_.type != "cpu") \
+            if torch.is_tensor(grad_scale) else grad_scale
+        if torch.is_tensor(scale):  # F <- ((F * decay / w) + g**2) * w with the weight w a device tensor
+            weight = (1 - decay) / scale.square()
+            torch._foreach_mul_(f_list, decay / weight)
+            if pairs:
+                torch._foreach_addcmul_([fs[n] for n in pairs], [gs[n] for n in pairs], [gs[n] for n in pairs])
+            torch._foreach_mul_(f_list, weight)
+            continue
+        torch._foreach_mul_(f_list, decay)
+        if pairs:
+            torch._foreach_addcmul_([fs[n] for n in pairs], [gs[n] for n in pairs], [gs[n] for n in pairs],
+                                    value=(1 - decay) / scale**2)
+    for index, n in enumerate(names):
+        if fs[n].dtype == torch.float32:
+            continue
+        f = fs[n].float().mul_(decay)
+        if n in gs:
+            g = gs[n].float()
+            scale = grad_scale.to(f.device, torch.float32) if torch.is_tensor(grad_scale) else grad_scale
+            f.addcmul_(g, g * ((1 - decay) / scale**2))
+        generator = torch.Generator(device=f.device).manual_seed(seed * 1_000_003 + index)
+        fs[n].copy_(stochastic_round(f, fs[n].dtype, generator))
+
+
+def zeros_like_parameters(
+    params: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, device=None
+) -> TensorDict:
+    """A zero tensor per parameter, laid out like it (FSDP shards stay shards), in ``dtype`` on ``device``
+    (default: the parameter's). On the host in a CUDA run it is pinned, so scoring copies it to the GPU without a
+    staging copy."""
+    out = {}
+    for name, p in params.items():
+        if device is not None and str(device) == "cpu" and p.device.type == "cuda":
+            out[name] = torch.zeros(p.shape, dtype=dtype, pin_memory=True)
+        else:
+            out[name] = torch.zeros_like(p, dtype=dtype, device=device, requires_grad=False)
+    return out
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (fp32) rounded to bf16 up or down at random, in proportion to the distance: unbiased, ``E[out] = x``.
+
+    Round-to-nearest would turn ``F * 0.998`` back into ``F`` (the decrement is below half a bf16 step), so a bf16
+    Fisher would stop decaying; stochastic rounding keeps the running mean right on average."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = x.contiguous().view(torch.int32)
+    finite = torch.isfinite(x)
+    rounded = ((bits + noise) & -65536).view(torch.float32)
+    return torch.where(finite, rounded, x).to(dtype)
+
+
+def check_finite(fisher: TensorDict) -> None:
+    """Raise if ``F`` holds a non-finite entry (a non-finite learning gradient that the optimizer applied too).
+
+    One fused norm per device and one host sync: called once per unlearning point, never per step."""
+    bad = []
+    names = list(fisher)
+    views = {n: local_view(fisher[n]) for n in names}
+    for group in _by_device(names, views).values():
+        norms = torch._foreach_norm([views[n] for n in group], dtype=torch.float32)
+        bad += [n for n, ok in zip(group, torch.isfinite(torch.stack(norms)).tolist()) if not ok]
+    if is_sharded(fisher.values()):  # every rank checks its own shards; all must agree to stop
+        flag = torch.tensor([float(len(bad))], device=collective_device("cpu"))
+        all_reduce_(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bad or (["(a shard on another rank)"] if flag.item() > 0 else [])
+    if bad:
+        raise FloatingPointError(
+            f"The online Fisher of {len(bad)} parameters (first: {bad[0]}) is not finite: a learning step had "
+            "non-finite gradients that were applied to the weights (no fp16 loss scaler skipped it). Lower the "
+            "learning rate, or check the data for empty or corrupt examples."
+        )
+
+
+def _by_device(names: list[str], tensors: TensorDict) -> dict[torch.device, list[str]]:
+    """``names`` grouped by the device of their tensor (a model split over several devices gets one group each)."""
+    groups: dict[torch.device, list[str]] = {}
+    for n in names:
+        groups.setdefault(tensors[n].device, []).append(n)
+    return groups
+
+
+_PINNED: dict[tuple, torch.Tensor] = {}
+
+
+def _staged(grads: TensorDict, fisher: TensorDict) -> TensorDict:
+    """The gradients on their ``F``'s device; copies to the host go through pinned buffers (kept per parameter name
+    and shape, reused every step), non-blocking, followed by one wait for all of them."""
+    moved, waits = {}, False
+    for n, g in grads.items():
+        target = fisher[n].device
+        if g.device == target:
+            moved[n] = g
+            continue
+        if target.type == "cpu" and g.device.type == "cuda":
+            key = (n, tuple(g.shape), g.dtype)
+            buffer = _PINNED.get(key)
+            if buffer is None:
+                buffer = _PINNED[key] = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+            moved[n] = buffer.copy_(g, non_blocking=True)
+            waits = True
+        else:
+            moved[n] = g.to(target)
+    if waits:
+        torch.cuda.synchronize()  # the host reads the buffers next: the copies must have landed
+    return moved
 
 
 def bias_correction(num_updates: int, decay: float) -> float:
@@ -108,17 +228,22 @@ def empirical_fisher(
     model: torch.nn.Module,
     examples: list[dict[str, torch.Tensor]],
     loss_fn: Callable | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
     chunk_elements: int | None = None,
     with_mean: bool = True,
+    loss_scale: float = 1.0,
 ) -> tuple[TensorDict, TensorDict | None]:
     """Mean of squared per-sample gradients, and the mean gradient, over ``examples`` (split across ranks).
 
     Each example is a model-ready batch of size one. Returns ``(F, mean_gradient)`` (``mean_gradient`` is None
     when ``with_mean`` is False, which saves a parameter-sized buffer). Causal-LM examples
     (``input_ids``, ``attention_mask``, ``labels`` only, no custom ``loss_fn``) are right-padded into batches of
-    ``batch_size`` and their per-sample gradients come from one forward+backward per batch
-    (:mod:`hf_lwf.method.persample`); anything else takes one backward per example (:func:`empirical_fisher_reference`).
+    ``batch_size`` (``lwf_fisher_batch_size``: it bounds the activations and logits held at once) and their
+    per-sample gradients come from one forward+backward per batch (:mod:`hf_lwf.method.persample`); anything else
+    takes one backward per example (:func:`empirical_fisher_reference`).
+
+    ``loss_scale`` S (fp16): the backward runs on S times the loss and F is divided by S**2 (the mean by S); if the
+    result is not finite (an overflow) the pass is repeated at S/16, down to S = 1.
     """
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
@@ -127,7 +252,6 @@ def empirical_fisher(
         fisher, mean = empirical_fisher_reference(model, examples, loss_fn)
         return fisher, (mean if with_mean else None)
     params = trainable_parameters(model)
-    consumer = FisherConsumer(params, with_mean=with_mean)
     # FSDP: every rank runs every example (the forwards are collective) and fills only its own rows.
     sharded = is_sharded(params.values())
     mine = examples if sharded else [examples[i] for i in shard_indices(len(examples))]
@@ -136,22 +260,44 @@ def empirical_fisher(
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sequence_losses(logits, batch["labels"])
 
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(mine), batch_size):
-            batch = _pad_examples(mine[start : start + batch_size])
-            per_sample_pass(model, batch, consumer, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    names = sorted(params)
-    sums = consumer.sums or {}
-    if not sharded:
-        all_reduce_sum_([consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums])
+    scale = float(loss_scale)
+    while True:
+        consumer = FisherConsumer(params, with_mean=with_mean)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(mine), batch_size):
+                batch = _pad_examples(mine[start : start + batch_size])
+                per_sample_pass(model, batch, consumer, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+                                loss_scale=scale)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        names = sorted(params)
+        sums = consumer.sums or {}
+        if not sharded:  # in place, one parameter at a time: no concatenated fp32 copy of the model
+            for tensor in [consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums]:
+                all_reduce_(tensor)
+        if scale <= 1.0 or _all_finite(consumer.squares):
+            break
+        del consumer
+        scale = max(1.0, scale / 16)
     count = len(examples)
-    fisher = {n: f.div_(count) for n, f in consumer.squares.items()}
-    return fisher, ({n: m.div_(count) for n, m in sums.items()} if with_mean else None)
+    fisher = {n: f.div_(count * scale**2) for n, f in consumer.squares.items()}
+    return fisher, ({n: m.div_(count * scale) for n, m in sums.items()} if with_mean else None)
+
+
+def _all_finite(tensors: TensorDict) -> bool:
+    """One host sync: whether every tensor is finite (the same answer on every rank)."""
+    names = list(tensors)
+    views = {n: local_view(tensors[n]) for n in names}
+    bad = torch.zeros(1, device=collective_device("cpu"))
+    for group in _by_device(names, views).values():
+        norms = torch._foreach_norm([views[n] for n in group], dtype=torch.float32)
+        bad += (~torch.isfinite(torch.stack(norms))).sum().float().to(bad.device)
+    if is_sharded(tensors.values()):
+        all_reduce_(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def _pad_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -231,24 +377,35 @@ def masked_fisher(fisher: TensorDict, mask: TensorDict | None) -> TensorDict:
 
 
 def snapshot(
-    model: torch.nn.Module, out: TensorDict | None = None, dtype: torch.dtype = torch.float32, device=None
+    model: torch.nn.Module, out: TensorDict | None = None, dtype: torch.dtype | None = None, device=None
 ) -> TensorDict:
-    """A detached copy of the trainable parameters (the reference theta_ref), fp32 by default.
+    """A detached copy of the trainable parameters (the reference theta_ref), in each parameter's own dtype.
 
-    With ``out``, the copy is written into its tensors in place (no second whole-model copy exists at any time);
-    ``dtype``/``device`` choose how a new copy is stored (e.g. bf16, or CPU for a GPU run).
+    A copy in the parameter's dtype is exact (bf16 weights give a bf16 theta_ref: half the memory of fp32, and
+    ``D = theta_now - theta_ref`` is formed in fp32 from both). With ``out``, the copy is written into its tensors in
+    place (no second whole-model copy exists at any time); ``dtype``/``device`` choose how a new copy is stored. On
+    the host (``device='cpu'`` in a CUDA run) the copy is pinned and written without blocking.
     Under FSDP each rank copies its own shard (a ``DTensor`` laid out like the parameter).
     """
     params = trainable_parameters(model)
     if out:
         with torch.no_grad():
             for name, p in params.items():
-                local_view(out[name]).copy_(local_view(p.detach()))
+                target = local_view(out[name])
+                target.copy_(local_view(p.detach()), non_blocking=target.is_pinned())
         return out
     if device is not None and is_sharded(params.values()):
         raise ValueError("Under FSDP theta_ref is sharded like the parameters: `lwf_state_device='cpu'` is not "
                          "supported there.")
-    return {name: p.detach().to(device=device or p.device, dtype=dtype, copy=True) for name, p in params.items()}
+    copies = {}
+    for name, p in params.items():
+        target = torch.device(device) if device is not None else p.device
+        if target.type == "cpu" and p.device.type == "cuda":
+            copy = torch.empty(p.shape, dtype=dtype or p.dtype, pin_memory=True)
+            copies[name] = copy.copy_(p.detach(), non_blocking=True)
+        else:
+            copies[name] = p.detach().to(device=target, dtype=dtype or p.dtype, copy=True)
+    return copies
 
 
 def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: int, across_ranks: bool = False
@@ -268,8 +425,9 @@ def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: 
             if shift < 24:
                 bits = bits[(bits >> (shift + 8)) == prefix]
             digits = torch.bincount(((bits >> shift) & 255).long(), minlength=256)
-            counts = digits if counts is None else counts + digits
+            counts = digits if counts is None else counts + digits.to(counts.device)  # a model over several devices
         if across_ranks:
+            counts = counts.to(collective_device(counts.device))
             all_reduce_(counts)
         above = 0
         counts = counts.tolist()
@@ -280,6 +438,21 @@ def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: 
         remaining -= above
         prefix = (prefix << 8) | digit
     return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
+
+
+def stage_like(tensors: TensorDict, params: dict[str, torch.Tensor]) -> TensorDict:
+    """``tensors`` on their parameters' devices: the ones kept elsewhere (``lwf_state_device='cpu'``, pinned) are
+    copied without blocking, once per scoring round, instead of once per scoring batch. The copies live for the
+    round only, so a round holds F and theta_ref on the GPU as ``lwf_state_device='auto'`` does; the learning steps
+    in between do not."""
+    out = {}
+    for name, t in tensors.items():
+        p = params.get(name)
+        if p is None or is_sharded(t) or t.device == p.device:
+            out[name] = t
+        else:
+            out[name] = t.to(p.device, non_blocking=t.is_pinned())
+    return out
 
 
 class ScoringTerms:
@@ -324,6 +497,9 @@ class ScoringTerms:
         terms = cls()
         terms._fisher, terms._delta, terms._reference, terms._scale = fisher, delta, reference, scale
         terms._params = trainable_parameters(model) if model is not None else None
+        if terms._params is not None:  # F and theta_ref kept on the host: copied to the GPU once for this round
+            terms._fisher = stage_like(fisher, terms._params)
+            terms._reference = stage_like(reference, terms._params) if reference is not None else None
         if mask_ratio < 1.0:
             total = sum(f.numel() for f in fisher.values())
             keep = max(1, int(round(mask_ratio * total)))

@@ -389,15 +389,19 @@ def per_sample_pass(
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
     params: dict[str, torch.nn.Parameter],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """One forward+backward of ``sum_x loss_fn(model, batch)[x]`` feeding the per-sample gradients of ``params``
-    to ``consumer``. Returns the per-sample losses. The caller chooses train/eval mode."""
+    to ``consumer``. Returns the per-sample losses. The caller chooses train/eval mode.
+
+    ``loss_scale``: the sum is multiplied by it before the backward (fp16: small gradients do not underflow), so
+    every per-sample gradient the consumer sees is ``loss_scale`` times the true one; the caller divides."""
     wanted = {n: p for n, p in params.items() if consumer.wants(n)}
     capture = _Capture(model, wanted, consumer, batch["input_ids"].shape[0], chunk_elements)
     with without_input_require_grads(model), _frozen(params.values()), torch.enable_grad(), capture:
         losses = loss_fn(model, batch)
         if capture.roots and losses.requires_grad:
-            torch.autograd.grad(losses.sum(), capture.roots, allow_unused=True)
+            torch.autograd.grad(losses.sum() * loss_scale, capture.roots, allow_unused=True)
         capture.flush()
     return losses.detach()
 
@@ -418,17 +422,17 @@ class ScoreConsumer(Consumer):
     def dense(self, name, rows, grads):
         w, fm = self.terms.chunk(name, rows)
         flat = grads.reshape(grads.shape[0], -1)
-        if w is not None:
-            self.a += flat @ w.reshape(-1)
+        if w is not None:  # .to: a layer on another GPU than the batch (device_map) adds a partial sum here
+            self.a += (flat @ w.reshape(-1)).to(self.a.device)
         if not self.linear and fm is not None:
             flat.square_()
-            self.n += flat @ fm.reshape(-1)
+            self.n += (flat @ fm.reshape(-1)).to(self.n.device)
 
     def direction(self, name, rows):
         return self.terms.chunk(name, rows)[0]
 
     def add_linear(self, name, values):
-        self.a += values
+        self.a += values.to(self.a.device)
 
 
 class FisherConsumer(Consumer):

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..distributed import gather_objects, is_sharded, rank_and_world
+from ..distributed import gather_objects, input_device, is_sharded, rank_and_world
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -90,7 +90,7 @@ def generate_responses(
     forward is collective.
     """
     eos_ids = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     padded = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
     sampling = temperature > 0
     output = model.generate(
@@ -141,7 +141,7 @@ def generate_self_data(
     order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][2])) if sort_by_length else list(range(len(jobs)))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rank, world = rank_and_world()
-    device = next(model.parameters()).device
+    device = input_device(model)
     responses: dict[int, list[int]] = {}
     synced = is_sharded(model)
     with generation_mode(model, tokenizer), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributed import all_reduce_sum_, full_tensor, is_sharded, shard_indices
+from ..distributed import all_reduce_sum_, collective_device, full_tensor, input_device, is_sharded, shard_indices
 from .common import batch_losses
 from .fisher import trainable_parameters
 
@@ -118,7 +118,7 @@ def ascent_step(
     sharded = is_sharded(params)
     mine = list(range(size)) if sharded else shard_indices(size)
     model.zero_grad(set_to_none=True)
-    stats = torch.zeros(3, device=params[0].device)  # loss sum, kept count, non-finite flag
+    stats = torch.zeros(3, device=collective_device(input_device(model)))  # loss sum, kept count, non-finite flag
     kept_losses = None
     if mine:
         losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})

@@ -67,8 +67,8 @@ def test_online_update_details():
     online_fisher_update_(fisher, {"w": g * 1}, 0.0)  # decay 0: F = g**2
     assert fisher["w"].dtype == torch.float32 and not fisher["w"].requires_grad
     assert fisher["w"].tolist() == [4.0, 1.0]
-    online_fisher_update_(fisher, {"v": torch.tensor([3.0])}, 0.5)  # a new entry starts at zero
-    assert fisher["v"].tolist() == [4.5] and fisher["w"].tolist() == [4.0, 1.0]
+    online_fisher_update_(fisher, {"v": torch.tensor([3.0])}, 0.5)  # a new entry starts at zero; w has no gradient
+    assert fisher["v"].tolist() == [4.5] and fisher["w"].tolist() == [2.0, 0.5]  # and decays (g = 0)
 
 
 def test_bias_corrected_without_updates_is_an_error():
@@ -219,23 +219,24 @@ def test_weighted_direction_and_masked_fisher():
     assert masked_fisher(fisher, None) is fisher
 
 
-def test_online_update_skips_non_finite_gradients_and_reports_it():
+def test_a_non_finite_fisher_is_caught_at_the_unlearning_point():
+    from hf_lwf.method.fisher import check_finite
+
     fisher = {}
-    assert online_fisher_update_(fisher, {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([3.0])}, 0.5)
-    before = {n: f.clone() for n, f in fisher.items()}
-    assert not online_fisher_update_(fisher, {"w": torch.tensor([1.0, float("inf")]), "v": torch.tensor([1.0])}, 0.5)
-    assert not online_fisher_update_(fisher, {"w": torch.tensor([float("nan"), 0.0])}, 0.5)
-    assert all(torch.equal(fisher[n], before[n]) for n in fisher)
-    assert not online_fisher_update_(fisher, {}, 0.5)
+    online_fisher_update_(fisher, {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([3.0])}, 0.5)
+    check_finite(fisher)
+    online_fisher_update_(fisher, {"w": torch.tensor([1.0, float("inf")]), "v": torch.tensor([1.0])}, 0.5)
+    with pytest.raises(FloatingPointError, match="1 parameters .first: w. is not finite"):
+        check_finite(fisher)
     # F kept in bf16 (a large-model option) is updated in its own dtype.
     low = {"w": torch.zeros(2, dtype=torch.bfloat16)}
-    assert online_fisher_update_(low, {"w": torch.tensor([2.0, 1.0])}, 0.0)
+    online_fisher_update_(low, {"w": torch.tensor([2.0, 1.0])}, 0.0)
     assert low["w"].dtype == torch.bfloat16 and low["w"].tolist() == [4.0, 1.0]
 
 
 def test_online_update_can_keep_f_in_another_dtype():
     fisher = {}
-    assert online_fisher_update_(fisher, {"w": torch.tensor([2.0, 1.0])}, 0.5, dtype=torch.bfloat16, device="cpu")
+    online_fisher_update_(fisher, {"w": torch.tensor([2.0, 1.0])}, 0.5, dtype=torch.bfloat16, device="cpu")
     assert fisher["w"].dtype == torch.bfloat16 and fisher["w"].tolist() == [2.0, 0.5]
 
 
@@ -244,7 +245,7 @@ def test_online_update_divides_out_the_fp16_loss_scale():
     grads = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
     plain, scaled = {}, {}
     for _ in range(2):
-        assert online_fisher_update_(plain, grads, 0.9)
-        assert online_fisher_update_(scaled, {n: t * 1024.0 for n, t in grads.items()}, 0.9, grad_scale=1024.0)
+        online_fisher_update_(plain, grads, 0.9)
+        online_fisher_update_(scaled, {n: t * 1024.0 for n, t in grads.items()}, 0.9, grad_scale=1024.0)
     for name in grads:
         torch.testing.assert_close(scaled[name], plain[name])

@@ -1,0 +1,28 @@
+"""The GPU acceptance command's CPU dry run (what CI runs): every check passes on a tiny model on the CPU."""
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_dry_run_passes(tmp_path):
+    env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("HF_LWF_GPU_CHECK_DRY_RUN", None)
+    completed = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run"],
+                               capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    assert "[gpu_check] PASSED" in completed.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] is True
+    results = summary["results"]
+    assert set(results) == {"bf16", "lora_gc", "resume", "fsdp"}
+    for name in ("bf16", "lora_gc", "resume"):
+        assert "error" not in results[name] and results[name]["unlearn_steps"] > 0, results[name]
+    assert results["resume"]["max_relative_weight_difference"] < 1e-2
+    assert "skipped" in results["fsdp"]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    row = bench["models"]["tiny"]["fisher_bf16"]
+    assert row["weights"] == "bfloat16" and row["fisher"] == "float32" and row["overhead"] > 0
