@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from . import deepspeed_support
 from . import fisher as fisher_lib
 from .config import GENERATION_FIELDS, LWFConfig, config_from_args
 from .confidence import score_self_data
@@ -71,6 +72,7 @@ class LWFCallback(TrainerCallback):
         self._step_lr: float | None = None
         self._fisher_step: int | None = None
         self.is_adapter = False
+        self.deepspeed_stage: int | None = None  # the ZeRO stage under DeepSpeed
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_prompts(self) -> dict[str, list[str]]:
@@ -97,16 +99,14 @@ class LWFCallback(TrainerCallback):
         self._checked = True
 
     def _check_engine(self, args, model=None) -> None:
-        """DeepSpeed is refused; FSDP runs through LWFTrainer (or the mixin) with FSDP2 only."""
+        """DeepSpeed (ZeRO-2) and FSDP (FSDP2 only) run through LWFTrainer (or the mixin)."""
         engine = _sharded_engine(args)
         if engine is None and model is not None and is_sharded(model):
             engine = "FSDP"  # a model sharded with fully_shard by hand
         if engine == "DeepSpeed":
-            raise ValueError(
-                f"hf_lwf does not support DeepSpeed yet: {_DEEPSPEED} What works: a single process, DDP (`torchrun`, "
-                "`accelerate launch --multi_gpu`) and FSDP2 through LWFTrainer, with PEFT and bf16/fp16 mixed "
-                "precision."
-            )
+            self.deepspeed_stage = deepspeed_support.deepspeed_stage(args)
+            deepspeed_support.check_supported(self.config, args, self.deepspeed_stage, self.via_trainer)
+            return
         if engine != "FSDP":
             return
         if not self.via_trainer:
@@ -238,21 +238,26 @@ class LWFCallback(TrainerCallback):
         return "cpu" if self.config.lwf_state_device == "cpu" else None
 
     # ----------------------------------------------------------------------------------- learning steps
-    def update_fisher(self, model, step: int, grad_scale: float = 1.0) -> None:
+    def update_fisher(self, model, step: int, grad_scale: float = 1.0, grads: dict | None = None) -> None:
         """Fold this step's gradients (divided by ``grad_scale``, the fp16 loss scale) into the online Fisher.
 
         ``LWFTrainer`` calls it before gradient clipping; the callback alone calls it from ``on_optimizer_step``,
         after clipping (a callback sees no earlier gradients). Non-finite gradients (an fp16 overflow, whose
-        optimizer step is skipped too) contribute nothing.
+        optimizer step is skipped too) contribute nothing. ``grads``: the gradients when they are not in ``p.grad``
+        (DeepSpeed's partitioned buffers, read by ``LWFTrainerMixin`` before the engine's step).
         """
-        if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online" or self._fisher_step == step:
+        if not self.wants_online_fisher() or self._fisher_step == step:
             return
         self._fisher_step = step
-        grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
+        if grads is None:
+            grads = {n: p.grad for n, p in fisher_lib.trainable_parameters(model).items() if p.grad is not None}
         dtype = getattr(torch, self.config.lwf_fisher_dtype)
         if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay, dtype=dtype,
                                             device=self._state_device, grad_scale=grad_scale):
             self.lwf_state.fisher_updates += 1
+
+    def wants_online_fisher(self) -> bool:
+        return self.config.lwf_schedule == "periodic" and self.config.lwf_fisher == "online"
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
@@ -355,7 +360,7 @@ class LWFCallback(TrainerCallback):
             logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
             self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
             return
-        step_optimizer = self._unlearning_optimizer(args, model, optimizer)
+        step_optimizer = self._unlearning_optimizer(args, model, optimizer) if self.deepspeed_stage is None else None
         device = next(model.parameters()).device
         loss_scale = _loss_scale(optimizer)
         losses, dropped, applied = [], 0, 0
@@ -363,10 +368,17 @@ class LWFCallback(TrainerCallback):
             positions = self._sampler.next_batch(self.config.lwf_unlearn_batch_size)
             rows = [self.self_data[lwf.forget_indices[p]] for p in positions]
             batch = {k: v.to(device) for k, v in collate_self_data(rows, self._pad_id).items()}
-            result = ascent_step(
-                model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
-                loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
-            )
+            if self.deepspeed_stage is not None:
+                result = deepspeed_support.ascent_step(
+                    model, fisher_lib.trainable_parameters(model), batch, lr=self.config.lwf_unlearn_lr,
+                    coef=self.config.lwf_unlearn_coef, loss_cap=self.config.lwf_forget_loss_cap,
+                    max_grad_norm=args.max_grad_norm,
+                )
+            else:
+                result = ascent_step(
+                    model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
+                    loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
+                )
             losses.append(result["forget_loss"])
             dropped += len(rows) - result["kept"]
             lwf.skipped_steps += result["skipped"]
@@ -500,12 +512,6 @@ def _quiet_datasets():
     finally:
         if enabled:
             datasets.enable_progress_bars()
-
-
-_DEEPSPEED = (
-    "DeepSpeed steps the optimizer inside backward, before any callback or Trainer hook sees the gradients, and under "
-    "ZeRO the gradients and parameters LWF reads are partitioned in DeepSpeed's own flat buffers."
-)
 
 
 def _sharded_engine(args) -> str | None:

@@ -22,6 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
+from .deepspeed_support import full_gradients, install_fisher_hook
+from .fisher import trainable_parameters
 from .modelcard import insert_card_section, lwf_card_section
 from .state import atomic_write_text, write_config
 
@@ -61,8 +63,25 @@ class LWFTrainerMixin:
         logs.update(self.lwf_callback.pop_metrics())
         super().log(logs, *args, **kwargs)
 
+    def _prepare_for_training(self, *args: Any, **kwargs: Any):
+        """Under DeepSpeed, wrap the engine's step: the online Fisher reads the gradients there, before clipping."""
+        prepared = super()._prepare_for_training(*args, **kwargs)
+        if self.is_deepspeed_enabled and self.lwf_callback.config is not None:
+            install_fisher_hook(self.model_wrapped, self._deepspeed_fisher_update)
+        return prepared
+
+    def _deepspeed_fisher_update(self) -> None:
+        callback = self.lwf_callback
+        if not callback.wants_online_fisher():
+            return
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        grads = full_gradients(trainable_parameters(model))  # collective: every rank is inside engine.step
+        callback.update_fisher(model, self.state.global_step, grads=grads)
+
     def _clip_grad_norm(self, model):
         """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip."""
+        if self.is_deepspeed_enabled:  # the engine has stepped and clipped already; the Fisher was read before
+            return super()._clip_grad_norm(model)
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step, grad_scale=scale)
