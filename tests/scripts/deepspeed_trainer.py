@@ -65,6 +65,15 @@ def run(output_dir: str, phase: str) -> None:
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
                          processing_class=tokenizer, data_collator=lm_collator(tokenizer),
                          callbacks=[Crash()] if phase.endswith("crash") else None)
+    moved = []
+    unlearn = trainer.lwf_callback._unlearn
+
+    def measured_unlearn(args_, model, optimizer, steps):  # how far the ascent steps moved the (whole) weights
+        before = whole_parameters(trainer, stage)
+        unlearn(args_, model, optimizer, steps)
+        moved.append(float(sum((a - b).double().abs().sum() for a, b in zip(whole_parameters(trainer, stage), before))))
+
+    trainer.lwf_callback._unlearn = measured_unlearn
     try:
         trainer.train(resume_from_checkpoint=True if phase.endswith("resume") else None)
     except KeyboardInterrupt:
@@ -76,6 +85,7 @@ def run(output_dir: str, phase: str) -> None:
         "deepspeed": trainer.is_deepspeed_enabled,
         "stage": stage,
         "weights": [float(p.double().abs().sum()) for p in params],
+        "ascent_moved": moved,
         "checksum": float(sum(p.double().sum() for p in params)),
         "self_data": [list(r) for r in callback.self_data["response_ids"]],
         "scores": state.scores,
