@@ -117,3 +117,15 @@ def test_accelerate_fsdp2_config_selects_fsdp_version_2():
     config = load_config_from_file(path)
     assert config.distributed_type == DistributedType.FSDP
     assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_accelerate_deepspeed_zero2_config_selects_zero_stage_2():
+    """The DeepSpeed launch config docs/distributed.md points to parses with accelerate as ZeRO-2."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate",
+                        "deepspeed_zero2.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert config.deepspeed_config["zero_stage"] == 2
