@@ -164,12 +164,12 @@ class LWFCallback(TrainerCallback):
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
         if not self._restore(args, state, current, model):
             self.lwf_state, self.self_data, self._sampler = current, None, None
-        else:
+        elif self.deepspeed_stage != 3:  # ZeRO-3: _restore read this rank's slices already
             self.lwf_state.place_like(fisher_lib.trainable_parameters(model), device=self._state_device)
         if self.self_data is None:
             self._build_self_data(args, model, processing_class)
         if not self.lwf_state.reference:
-            self.lwf_state.reference = fisher_lib.snapshot(model, device=self._state_device)
+            self.lwf_state.reference = self._snapshot(model)
         if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
             self._early_unlearning(args, state, model, optimizer, train_dataloader)
 
@@ -182,7 +182,13 @@ class LWFCallback(TrainerCallback):
             logger.warning(f"Resuming from {directory}, which has no LWF state: LWF starts afresh at this step.")
             return False
         params = fisher_lib.trainable_parameters(model)
-        saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows only
+        if self.deepspeed_stage == 3:  # the rows that cover this rank's slice, then the slice
+            saved = LWFState.load(directory, rows={n: deepspeed_support.partition_rows(p) for n, p in params.items()})
+            for group in (saved.fisher, saved.reference):
+                for name in list(group):
+                    group[name] = deepspeed_support.rows_to_partition(group[name], params[name])
+        else:
+            saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows
         if saved.config_hash != current.config_hash:
             changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
             logger.warning(
@@ -237,6 +243,14 @@ class LWFCallback(TrainerCallback):
         """Where F and theta_ref live: ``None`` means next to each parameter."""
         return "cpu" if self.config.lwf_state_device == "cpu" else None
 
+    def _snapshot(self, model, out=None):
+        """theta_ref: a copy of the trainable weights (under ZeRO-3, of this rank's slices), into ``out`` if given."""
+        if self.deepspeed_stage == 3:
+            return deepspeed_support.snapshot_partitions(fisher_lib.trainable_parameters(model), out=out)
+        if out is not None:
+            return fisher_lib.snapshot(model, out=out)
+        return fisher_lib.snapshot(model, device=self._state_device)
+
     # ----------------------------------------------------------------------------------- learning steps
     def update_fisher(self, model, step: int, grad_scale: float = 1.0, grads: dict | None = None) -> None:
         """Fold this step's gradients (divided by ``grad_scale``, the fp16 loss scale) into the online Fisher.
@@ -255,6 +269,10 @@ class LWFCallback(TrainerCallback):
         if fisher_lib.online_fisher_update_(self.lwf_state.fisher, grads, self.config.lwf_fisher_decay, dtype=dtype,
                                             device=self._state_device, grad_scale=grad_scale):
             self.lwf_state.fisher_updates += 1
+
+    def skip_fisher_step(self, step: int) -> None:
+        """Leave F untouched for ``step`` (its gradients are not finite), also if asked again for it."""
+        self._fisher_step = step
 
     def wants_online_fisher(self) -> bool:
         return self.config.lwf_schedule == "periodic" and self.config.lwf_fisher == "online"
@@ -294,13 +312,14 @@ class LWFCallback(TrainerCallback):
                 (fisher, _), scale = fisher_lib.empirical_fisher(
                     model, examples, chunk_elements=config.lwf_score_chunk_size, with_mean=False
                 ), 1.0
-            terms = fisher_lib.ScoringTerms.from_state(
+            terms_class = deepspeed_support.PartitionTerms if self.deepspeed_stage == 3 else fisher_lib.ScoringTerms
+            terms = terms_class.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
             )
             self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point)
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
-        lwf.reference = fisher_lib.snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
+        lwf.reference = self._snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
         self._finish_point(state.global_step)
 
     def _early_unlearning(self, args, state, model, optimizer, train_dataloader) -> None:
@@ -316,7 +335,7 @@ class LWFCallback(TrainerCallback):
         periods = max(1, state.max_steps // config.lwf_unlearn_every) if state.max_steps > 0 else 1
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps * periods)
         self.lwf_state.unlearn_points = 1
-        self.lwf_state.reference = fisher_lib.snapshot(model, out=self.lwf_state.reference)
+        self.lwf_state.reference = self._snapshot(model, out=self.lwf_state.reference)
         self._finish_point(state.global_step)
 
     def _score_and_select(self, args, model, terms, lr: float, seed: int) -> None:
@@ -450,7 +469,11 @@ class LWFCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(metrics)
 
-    def save_state(self, args, directory: str, step: int, create: bool = False) -> None:
+    def state_is_partitioned(self) -> bool:
+        """Whether F and theta_ref are held in parts across ranks (FSDP2 shards, ZeRO-3 slices): saving is collective."""
+        return self.lwf_state.is_sharded() or self.deepspeed_stage == 3
+
+    def save_state(self, args, directory: str, step: int, create: bool = False, model=None) -> None:
         """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only).
 
         Under FSDP every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time) for the
@@ -459,7 +482,13 @@ class LWFCallback(TrainerCallback):
         if self._saved_step == step:
             return
         tensors = None
-        if self.lwf_state.is_sharded():
+        if self.deepspeed_stage == 3:  # every rank: each tensor all-gathered whole for the main process
+            params = fisher_lib.trainable_parameters(model)
+            tensors = {f"{group}/{name}": tensor for group in ("fisher", "reference") for name, tensor in
+                       deepspeed_support.gather_partitions(getattr(self.lwf_state, group), params,
+                                                           keep=args.should_save).items()}
+            self._saved_step = step
+        elif self.lwf_state.is_sharded():
             tensors = self.lwf_state.tensors_for_saving(keep=args.should_save)
             self._saved_step = step
         if not args.should_save or not (create or os.path.isdir(directory)):
@@ -493,7 +522,7 @@ class LWFCallback(TrainerCallback):
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not self.lwf_state.is_sharded():  # runs on rank 0 only: no gather here (save_model did it on every rank)
+        if not self.state_is_partitioned():  # runs on rank 0 only: no gather here (save_model did it on every rank)
             self.save_state(args, checkpoint, state.global_step)
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)

@@ -11,20 +11,30 @@ and all-reduce. The ascent (:func:`ascent_step`) computes its gradients with ``t
 ``backward()`` would fire ZeRO's gradient-reduction hooks and leave the ascent gradient in the engine's buffers --
 and applies its SGD step both to the model's weights and to the optimizer's fp32 master partition
 (``safe_set_full_fp32_param``), which is what the engine's next step starts from.
+
+Under ZeRO-3 each rank holds a flat slice of every parameter (``p.ds_tensor``: elements ``[r * P, (r + 1) * P)`` of
+the flattened parameter, zero-padded at the end), and LWF keeps F and theta_ref the same way: per parameter, the
+elements of this rank's slice (:func:`partition_range`), so no rank holds a whole copy. As under FSDP every rank
+runs every forward (they are collective): self-generation is lockstep, and scoring runs every D_self batch on
+every rank, each forming the per-sample gradient terms of its own slice only (:class:`PartitionTerms`), whose
+partial sums one all-reduce adds. The ascent runs the whole D_U batch on every rank and updates each rank's slice
+of the weights and of the fp32 master copy. Checkpoints gather each tensor whole (:func:`gather_partitions`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 
 from .confidence import batch_losses
-from .distributed import all_reduce_sum_, shard_indices
+from .distributed import all_reduce_, all_reduce_sum_, rank_and_world, shard_indices
+from .fisher import ScoringTerms, kth_largest, trainable_parameters
 
 
-SUPPORTED_STAGES = (2,)
+SUPPORTED_STAGES = (2, 3)
 
 
 def deepspeed_stage(args) -> int | None:
@@ -70,6 +80,15 @@ def check_supported(config, args, stage: int | None, via_trainer: bool) -> None:
             "its own SGD step on the weights and DeepSpeed's fp32 master copy. Set lwf_unlearn_optimizer='sgd' and "
             "lwf_unlearn_lr."
         )
+    if stage == 3 and (config.lwf_fisher != "online" or config.lwf_schedule != "periodic"):
+        raise ValueError(
+            "Under DeepSpeed ZeRO-3 LWF supports the online Fisher with the periodic schedule only (got lwf_fisher="
+            f"{config.lwf_fisher!r}, lwf_schedule={config.lwf_schedule!r}): the empirical Fisher over ZeRO-3 "
+            "partitions is not written yet. Use ZeRO-2 for them."
+        )
+    if stage == 3 and config.lwf_state_device == "cpu":
+        raise ValueError("`lwf_state_device='cpu'` is not supported under ZeRO-3: LWF's state is partitioned like the "
+                         "parameters (use DeepSpeed's offloading for both).")
     if getattr(args, "fp16", False):
         raise ValueError("`fp16=True` is not supported with LWF under DeepSpeed (its dynamic loss scale lives in the "
                          "engine); use bf16 or fp32.")
@@ -93,6 +112,129 @@ def install_fisher_hook(engine, update) -> None:
 
     engine.step = step_with_fisher
     engine._lwf_fisher_hook = True
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitioned."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def partition_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """``(start, count)``: the elements of the flattened parameter this rank holds under ZeRO-3 (padding excluded)."""
+    rank, _ = rank_and_world()
+    size = param.ds_tensor.numel()
+    start = rank * size
+    return start, max(0, min(size, param.ds_numel - start))
+
+
+def local_partition(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter (a view of ``ds_tensor``, padding excluded)."""
+    return param.ds_tensor.detach().narrow(0, 0, partition_range(param)[1])
+
+
+def snapshot_partitions(params: dict[str, torch.nn.Parameter], out: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """theta_ref under ZeRO-3: a fp32 copy of each parameter's local slice (into ``out`` in place when given)."""
+    if out:
+        with torch.no_grad():
+            for name, p in params.items():
+                out[name].copy_(local_partition(p))
+        return out
+    return {name: local_partition(p).float().clone() for name, p in params.items()}
+
+
+def local_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Each parameter's reduced, unclipped fp32 gradient, this rank's slice only (ZeRO-3, inside ``engine.step``).
+
+    Returns ``{}`` when any rank has a non-finite gradient (one all-reduce of the flag), so that every rank skips
+    the same Fisher update."""
+    from deepspeed.utils import safe_get_local_grad
+
+    grads = {}
+    for name, p in params.items():
+        grads[name] = safe_get_local_grad(p).detach().float().narrow(0, 0, partition_range(p)[1])
+    finite = torch.tensor(float(all(bool(torch.isfinite(g).all()) for g in grads.values())))
+    all_reduce_(finite, op=torch.distributed.ReduceOp.MIN)
+    return grads if bool(finite) else {}
+
+
+def partition_rows(param: torch.nn.Parameter) -> slice:
+    """The rows (dim 0) of the whole parameter that cover this rank's ZeRO-3 slice: all a resuming rank reads."""
+    start, count = partition_range(param)
+    row = math.prod(param.ds_shape[1:]) if len(param.ds_shape) > 1 else 1
+    if count == 0:
+        return slice(0, 0)
+    return slice(start // row, -(-(start + count) // row))
+
+
+def rows_to_partition(rows_tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's slice from the rows :func:`partition_rows` read."""
+    start, count = partition_range(param)
+    row = math.prod(param.ds_shape[1:]) if len(param.ds_shape) > 1 else 1
+    first = partition_rows(param).start * row
+    return rows_tensor.reshape(-1)[start - first : start - first + count].clone()
+
+
+def gather_partitions(tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], keep: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors from every rank's slices, one all-gather per tensor in name order (collective)."""
+    _, world = rank_and_world()
+    out = {}
+    for name in sorted(tensors):
+        p, local = params[name], tensors[name].detach()
+        size = p.ds_tensor.numel()
+        padded = torch.zeros(size, dtype=local.dtype, device=local.device)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        if keep:
+            out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu().contiguous()
+    return out
+
+
+class PartitionTerms(ScoringTerms):
+    """``w = M * F * D`` and ``F_M = M * F`` under ZeRO-3: nonzero on this rank's slice of each parameter only.
+
+    Every rank scores every sample; the per-sample sums over a rank's slice are partial sums that the scoring pass
+    adds across ranks. The mask threshold is an exact radix select over all ranks' slices.
+    """
+
+    @classmethod
+    def from_state(cls, fisher, *, model=None, reference=None, delta=None, scale: float = 1.0,
+                   mask_ratio: float = 1.0) -> PartitionTerms:
+        if delta is not None or model is None or reference is None:
+            raise ValueError("PartitionTerms needs `model` and `reference` (D = theta_now - theta_ref).")
+        terms = cls()
+        terms._fisher, terms._reference, terms._scale = fisher, reference, scale
+        terms._params = trainable_parameters(model)
+        if mask_ratio < 1.0:
+            total = sum(terms._params[n].ds_numel for n in fisher)
+            keep = max(1, int(round(mask_ratio * total)))
+            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep,
+                                          across_ranks=True)
+        return terms
+
+    def _fisher_delta(self, name: str, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        live = local_partition(self._params[name]).float()
+        f = self._fisher[name].to(device=live.device, dtype=torch.float32)
+        if self._scale != 1.0:
+            f = f * self._scale
+        return f, f * (live - self._reference[name].to(device=live.device, dtype=torch.float32))
+
+    def chunk(self, name: str, rows: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        f, fd = self._fisher_delta(name, None)
+        if self.threshold is not None:
+            mask = fd.abs() >= self.threshold
+            f, fd = f * mask, fd * mask
+        return self._embed(name, fd, rows), self._embed(name, f, rows)
+
+    def _embed(self, name: str, local: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        p = self._params[name]
+        start, count = partition_range(p)
+        whole = torch.zeros(p.ds_numel, dtype=local.dtype, device=local.device)
+        whole[start : start + count] = local
+        whole = whole.view(p.ds_shape)
+        return whole if rows is None else whole[rows]
 
 
 def full_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -128,7 +270,8 @@ def ascent_step(
     names = list(params)
     plist = [params[n] for n in names]
     size = batch["input_ids"].shape[0]
-    mine = shard_indices(size)
+    zero3 = hasattr(plist[0], "ds_id")
+    mine = list(range(size)) if zero3 else shard_indices(size)  # ZeRO-3: forwards are collective, no rank sits out
     stats = torch.zeros(3, device=plist[0].device)  # loss sum, kept count, non-finite flag
     kept_losses = None
     if mine:
@@ -139,7 +282,8 @@ def ascent_step(
         keep = finite & (losses.detach() < loss_cap)
         stats[1] = keep.sum()
         kept_losses = losses[keep]
-    all_reduce_sum_([stats])
+    if not zero3:
+        all_reduce_sum_([stats])
     loss_sum, kept, non_finite = stats.tolist()
     result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0, "applied": 0}
     if non_finite or kept == 0:
@@ -149,16 +293,18 @@ def ascent_step(
     if kept_losses is not None and kept_losses.numel():
         # autograd.grad, not backward(): ZeRO's hooks on the gradient accumulators must not see the ascent.
         grads = torch.autograd.grad(-coef * kept_losses.sum() / kept, plist, allow_unused=True)
-    grads = [torch.zeros_like(p, dtype=torch.float32) if grads is None or grads[i] is None else grads[i].float()
-             for i, p in enumerate(plist)]
-    all_reduce_sum_(grads)
+    shapes = [p.ds_shape if zero3 else p.shape for p in plist]
+    grads = [torch.zeros(shape, dtype=torch.float32, device=p.device) if grads is None or grads[i] is None
+             else grads[i].float() for i, (p, shape) in enumerate(zip(plist, shapes))]
+    if not zero3:  # ZeRO-3: every rank ran the whole batch, the gradients are already the same everywhere
+        all_reduce_sum_(grads)
     norm = torch.nn.utils.get_total_norm(grads)
     if not torch.isfinite(norm):
         result["skipped"] = 1
         return result
     if max_grad_norm > 0:  # as torch.nn.utils.clip_grad_norm_
         torch._foreach_mul_(grads, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
-    apply_sgd_(plist, grads, lr)
+    (apply_sgd_partitioned_ if zero3 else apply_sgd_)(plist, grads, lr)
     result["grad_norm"], result["applied"] = float(norm), 1
     return result
 
@@ -179,3 +325,19 @@ def apply_sgd_(params: list[torch.nn.Parameter], grads: list[torch.Tensor], lr: 
         master.add_(g.to(master.device), alpha=-lr)
         safe_set_full_fp32_param(p, master)
         p.data.copy_(master.view_as(p))
+
+
+@torch.no_grad()
+def apply_sgd_partitioned_(params: list[torch.nn.Parameter], grads: list[torch.Tensor], lr: float) -> None:
+    """``theta <- theta - lr * g`` on this rank's ZeRO-3 slice of the fp32 master copy and of the weights."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    # Release every gathered copy first: a module whose input needs no gradient (the embedding) keeps its weights
+    # gathered after an autograd pass, and its next forward would use them instead of the updated slices.
+    params[0]._z3_optimizer.empty_partition_cache()
+    for p, g in zip(params, grads):
+        start, count = partition_range(p)
+        master = safe_get_local_fp32_param(p).clone()
+        master.narrow(0, 0, count).add_(g.reshape(-1)[start : start + count].to(master.device), alpha=-lr)
+        safe_set_local_fp32_param(p, master)
+        p.ds_tensor.copy_(master.to(p.ds_tensor.dtype))

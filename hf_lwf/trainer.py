@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
-from .deepspeed_support import full_gradients, install_fisher_hook
+from .deepspeed_support import full_gradients, install_fisher_hook, local_gradients
 from .fisher import trainable_parameters
 from .modelcard import insert_card_section, lwf_card_section
 from .state import atomic_write_text, write_config
@@ -75,7 +75,12 @@ class LWFTrainerMixin:
         if not callback.wants_online_fisher():
             return
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        grads = full_gradients(trainable_parameters(model))  # collective: every rank is inside engine.step
+        params = trainable_parameters(model)
+        # collective: every rank is inside engine.step
+        grads = local_gradients(params) if callback.deepspeed_stage == 3 else full_gradients(params)
+        if not grads:  # a non-finite gradient on some rank: no update anywhere
+            callback.skip_fisher_step(self.state.global_step)
+            return
         callback.update_fisher(model, self.state.global_step, grads=grads)
 
     def _clip_grad_norm(self, model):
@@ -91,9 +96,10 @@ class LWFTrainerMixin:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
-        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.lwf_state.is_sharded():
+        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.state_is_partitioned():
             # collective: every rank; under FSDP's sharded checkpoints the folder does not exist yet
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True)
+            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True,
+                                         model=self.accelerator.unwrap_model(self.model_wrapped))
         if not self.args.should_save or self.lwf_callback.config is None:
             return
         write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())

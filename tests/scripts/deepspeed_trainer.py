@@ -29,9 +29,13 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt  # not an Exception: nothing in the Trainer or LWF catches it
 
 
+# every parameter partitioned (the default threshold keeps a tiny model's parameters whole on every rank)
+ZERO3 = {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+
+
 def deepspeed_config(stage: int) -> dict:
     return {
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(ZERO3 if stage == 3 else {})},
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -42,15 +46,20 @@ def deepspeed_config(stage: int) -> dict:
 def whole_parameters(trainer, stage: int) -> list[torch.Tensor]:
     model = trainer.model
     params = sorted(trainable_parameters(model).items())
-    if stage == 3:
-        import deepspeed
+    if stage == 3:  # the fp32 master copy, all-gathered (the weights equal it in an fp32 run)
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        out = []
-        for _, p in params:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out.append(p.detach().clone())
-        return out
+        return [safe_get_full_fp32_param(p).detach().clone() for _, p in params]
     return [p.detach().clone() for _, p in params]
+
+
+def whole_fisher(callback, trainer, stage: int) -> dict[str, float]:
+    fisher = callback.lwf_state.fisher
+    if stage == 3:  # this rank's slices only: gather them to compare with the DDP run
+        from hf_lwf.deepspeed_support import gather_partitions
+
+        fisher = gather_partitions(fisher, trainable_parameters(trainer.model))
+    return {n: float(f.double().abs().sum()) for n, f in sorted(fisher.items())}
 
 
 def run(output_dir: str, phase: str) -> None:
@@ -92,7 +101,8 @@ def run(output_dir: str, phase: str) -> None:
         "forget_indices": state.forget_indices,
         "unlearn_steps": state.unlearn_steps,
         "fisher_updates": state.fisher_updates,
-        "fisher": {n: float(f.double().abs().sum()) for n, f in sorted(state.fisher.items())},
+        "fisher": whole_fisher(callback, trainer, stage),
+        "state_numel": sum(t.numel() for t in list(state.fisher.values()) + list(state.reference.values())),
         "history": [{k: v for k, v in h.items() if "seconds" not in k} for h in state.history],
         "checkpoints": sorted(d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
     }
