@@ -8,7 +8,9 @@ hanging CI.
 DeepSpeed JIT-compiles its shared-memory communication op (``deepspeed_shm_comm``, g++ with OpenMP) when its
 communication backend starts, whatever ``DS_BUILD_OPS`` says; torch caches the build in ``TORCH_EXTENSIONS_DIR``
 (default ``~/.cache/torch_extensions``), so only the first torchrun of a machine pays it (about 40-60 s on 2 cores).
-The DeepSpeed phases share one torchrun for that reason.
+The DeepSpeed phases (ZeRO-2 and ZeRO-3, each a full run, a run stopped after checkpoint-4 and its resume) share one
+torchrun for that reason. The ZeRO-3 config sets ``stage3_param_persistence_threshold: 0``: by default DeepSpeed
+keeps parameters under 1e5 elements (all of a tiny model's) whole on every rank.
 """
 
 import json
@@ -45,10 +47,11 @@ def _torchrun(out, phases: str) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     _torchrun(out, "ddp")
-    _torchrun(out, "zero2,zero2-crash,zero2-resume")
-    phases = ("ddp", "zero2", "zero2-resume")
+    _torchrun(out, "zero2,zero2-crash,zero2-resume,zero3,zero3-crash,zero3-resume")
+    phases = ("ddp", "zero2", "zero2-resume", "zero3", "zero3-resume")
     result = {phase: [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)] for phase in phases}
-    result["checkpoint"] = sorted(os.listdir(out / "zero2-split" / "checkpoint-4"))
+    for stage in (2, 3):
+        result[f"checkpoint{stage}"] = sorted(os.listdir(out / f"zero{stage}-split" / "checkpoint-4"))
     return result
 
 
@@ -56,10 +59,10 @@ def _close(a, b, rel):
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=0.0) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("stage", [2])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_lwf_trainer_under_zero_equals_the_ddp_run(runs, stage):
     for ddp, zero in zip(runs["ddp"], runs[f"zero{stage}"]):
-        assert not ddp["deepspeed"] and zero["deepspeed"] and zero["stage"] == stage
+        assert not ddp["deepspeed"] and zero["deepspeed"] and zero["engine_stage"] == zero["lwf_stage"] == stage
         assert zero["self_data"] == ddp["self_data"] and len(ddp["self_data"]) >= 4  # D_self identical
         assert zero["forget_indices"] == ddp["forget_indices"] and ddp["forget_indices"]  # D_U identical
         assert max(abs(x) for x in ddp["scores"]) > 0
@@ -78,16 +81,23 @@ def test_lwf_trainer_under_zero_equals_the_ddp_run(runs, stage):
     assert runs[f"zero{stage}"][0] == runs[f"zero{stage}"][1]  # both ranks end with the same weights and state
 
 
-@pytest.mark.parametrize("stage", [2])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_the_ascent_moves_the_weights_under_deepspeed_as_under_ddp(runs, stage):
     for ddp, zero in zip(runs["ddp"], runs[f"zero{stage}"]):
         assert len(zero["ascent_moved"]) == 3 and min(zero["ascent_moved"]) > 1e-3  # every point moved the weights
         assert _close(ddp["ascent_moved"], zero["ascent_moved"], 1e-4)  # by the DDP run's amount
 
 
-@pytest.mark.parametrize("stage", [2])
+def test_state_follows_the_parameters_whole_under_zero2_one_slice_per_rank_under_zero3(runs):
+    whole = runs["ddp"][0]["state_numel"]  # F and theta_ref, whole, as DDP keeps them
+    assert whole > 0 and all(r["state_numel"] == whole for r in runs["zero2"])  # ZeRO-2: whole weights, whole state
+    zero3 = [r["state_numel"] for r in runs["zero3"]]
+    assert sum(zero3) == whole and max(zero3) < 0.6 * whole  # ZeRO-3: each rank its slices, together one copy
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_run_resumes_a_deepspeed_checkpoint_exactly(runs, stage):
-    checkpoint = runs["checkpoint"]
+    checkpoint = runs[f"checkpoint{stage}"]
     assert {"lwf_state.safetensors", "lwf_state.json", "lwf_config.json", "_lwf_self_data"} <= set(checkpoint)
     assert "global_step4" in checkpoint and "latest" in checkpoint  # DeepSpeed's own checkpoint format
     for full, resumed in zip(runs[f"zero{stage}"], runs[f"zero{stage}-resume"]):

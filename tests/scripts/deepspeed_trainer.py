@@ -93,6 +93,8 @@ def run(output_dir: str, phase: str) -> None:
     result = {
         "deepspeed": trainer.is_deepspeed_enabled,
         "stage": stage,
+        "engine_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if stage else None,
+        "lwf_stage": callback.deepspeed_stage,
         "weights": [float(p.double().abs().sum()) for p in params],
         "ascent_moved": moved,
         "checksum": float(sum(p.double().sum() for p in params)),
