@@ -99,7 +99,7 @@ class LWFCallback(TrainerCallback):
         self._checked = True
 
     def _check_engine(self, args, model=None) -> None:
-        """DeepSpeed (ZeRO-2) and FSDP (FSDP2 only) run through LWFTrainer (or the mixin)."""
+        """DeepSpeed (ZeRO-2 and ZeRO-3) and FSDP (FSDP2 only) run through LWFTrainer (or the mixin)."""
         engine = _sharded_engine(args)
         if engine is None and model is not None and is_sharded(model):
             engine = "FSDP"  # a model sharded with fully_shard by hand
@@ -476,8 +476,9 @@ class LWFCallback(TrainerCallback):
     def save_state(self, args, directory: str, step: int, create: bool = False, model=None) -> None:
         """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only).
 
-        Under FSDP every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time) for the
-        main process to write, so the checkpoint holds whole tensors whatever the world size. ``create``: make the
+        Under FSDP and ZeRO-3 every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time)
+        for the main process to write, so the checkpoint holds whole tensors whatever the world size (ZeRO-3 needs
+        ``model`` for the parameters' shapes). ``create``: make the
         folder if it does not exist yet (FSDP's sharded checkpoints write the model only after ``save_model``)."""
         if self._saved_step == step:
             return

@@ -172,7 +172,7 @@ def rows_to_partition(rows_tensor: torch.Tensor, param: torch.nn.Parameter) -> t
     start, count = partition_range(param)
     row = math.prod(param.ds_shape[1:]) if len(param.ds_shape) > 1 else 1
     first = partition_rows(param).start * row
-    return rows_tensor.reshape(-1)[start - first : start - first + count].clone()
+    return rows_tensor.reshape(-1)[start - first : start - first + count].to(param.ds_tensor.device, copy=True)
 
 
 def gather_partitions(tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], keep: bool = True

@@ -377,7 +377,7 @@ def test_deepspeed_needs_the_trainer_a_supported_stage_and_the_sgd_ascent(monkey
         shared._check(SimpleNamespace(**args), None, None)
     with pytest.raises(ValueError, match="fp16=True"):
         managed._check(SimpleNamespace(fp16=True, **args), None, None)
-    for stage in (0, 1):
+    for stage in (0, 1):  # no partitioned gradients to read, untested: refused
         if args:
             other = SimpleNamespace(deepspeed={"zero_optimization": {"stage": stage}})
         else:
@@ -385,6 +385,20 @@ def test_deepspeed_needs_the_trainer_a_supported_stage_and_the_sgd_ascent(monkey
             other = SimpleNamespace()
         with pytest.raises(ValueError, match=f"supports DeepSpeed ZeRO stage .*asks for stage {stage}"):
             managed._check(other, None, None)
+    if args:
+        zero3 = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})
+    else:
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        zero3 = SimpleNamespace()
+    managed._check(zero3, None, None)  # ZeRO-3 with the online Fisher: accepted
+    assert managed.deepspeed_stage == 3
+    for fields, message in (({"lwf_fisher": "empirical"}, "online Fisher with the periodic schedule only"),
+                            ({"lwf_schedule": "early"}, "online Fisher with the periodic schedule only"),
+                            ({"lwf_state_device": "cpu"}, "`lwf_state_device='cpu'` is not supported under ZeRO-3")):
+        other = LWFCallback(LWFConfig(**sgd, **fields))
+        other.via_trainer = True
+        with pytest.raises(ValueError, match=message):
+            other._check(zero3, None, None)
 
 
 @pytest.mark.parametrize("args,env", [({"fsdp": True}, {}), ({}, {"ACCELERATE_USE_FSDP": "true"})])

@@ -52,6 +52,7 @@ def runs(tmp_path_factory):
     result = {phase: [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)] for phase in phases}
     for stage in (2, 3):
         result[f"checkpoint{stage}"] = sorted(os.listdir(out / f"zero{stage}-split" / "checkpoint-4"))
+    result["out"] = out
     return result
 
 
@@ -104,3 +105,22 @@ def test_zero_run_resumes_a_deepspeed_checkpoint_exactly(runs, stage):
         full, resumed = dict(full), dict(resumed)
         assert resumed.pop("ascent_moved") == full.pop("ascent_moved")[-1:]  # the one point after step 4
         assert resumed == full  # weights, F, scores, D_U, history: bitwise the uninterrupted run
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lwf_state_of_a_deepspeed_checkpoint_is_the_unsharded_format(runs, stage):
+    """Whole tensors in the single-process format: the LWF part resumes at any world size or without DeepSpeed."""
+    import torch
+
+    from hf_lwf.state import LWFState
+
+    ddp = LWFState.load(str(runs["out"] / "ddp" / "checkpoint-4"))
+    zero = LWFState.load(str(runs["out"] / f"zero{stage}-split" / "checkpoint-4"))
+    assert zero.fisher.keys() == ddp.fisher.keys() and zero.reference.keys() == ddp.reference.keys() and ddp.fisher
+    for group in ("fisher", "reference"):
+        for name, whole in getattr(ddp, group).items():
+            tensor = getattr(zero, group)[name]
+            assert tensor.shape == whole.shape and tensor.dtype == whole.dtype
+            assert torch.allclose(tensor, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max())), (group, name)
+    assert zero.forget_indices == ddp.forget_indices and zero.fisher_updates == ddp.fisher_updates == 4
+
