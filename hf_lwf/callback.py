@@ -309,9 +309,13 @@ class LWFCallback(TrainerCallback):
                 fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
-                (fisher, _), scale = fisher_lib.empirical_fisher(
-                    model, examples, chunk_elements=config.lwf_score_chunk_size, with_mean=False
-                ), 1.0
+                if self.deepspeed_stage == 3:  # this rank's slices only
+                    fisher, scale = deepspeed_support.empirical_fisher_partitions(
+                        model, examples, chunk_elements=config.lwf_score_chunk_size), 1.0
+                else:
+                    (fisher, _), scale = fisher_lib.empirical_fisher(
+                        model, examples, chunk_elements=config.lwf_score_chunk_size, with_mean=False
+                    ), 1.0
             terms_class = deepspeed_support.PartitionTerms if self.deepspeed_stage == 3 else fisher_lib.ScoringTerms
             terms = terms_class.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio

@@ -390,10 +390,12 @@ def test_deepspeed_needs_the_trainer_a_supported_stage_and_the_sgd_ascent(monkey
     else:
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
         zero3 = SimpleNamespace()
-    managed._check(zero3, None, None)  # ZeRO-3 with the online Fisher: accepted
+    managed._check(zero3, None, None)  # ZeRO-3: accepted, with the online or the empirical Fisher
     assert managed.deepspeed_stage == 3
-    for fields, message in (({"lwf_fisher": "empirical"}, "online Fisher with the periodic schedule only"),
-                            ({"lwf_schedule": "early"}, "online Fisher with the periodic schedule only"),
+    empirical = LWFCallback(LWFConfig(**sgd, lwf_fisher="empirical"))
+    empirical.via_trainer = True
+    empirical._check(zero3, None, None)
+    for fields, message in (({"lwf_schedule": "early"}, "ZeRO-3 LWF supports the periodic schedule only"),
                             ({"lwf_state_device": "cpu"}, "`lwf_state_device='cpu'` is not supported under ZeRO-3")):
         other = LWFCallback(LWFConfig(**sgd, **fields))
         other.via_trainer = True

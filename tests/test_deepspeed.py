@@ -46,9 +46,9 @@ def _torchrun(out, phases: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    _torchrun(out, "ddp")
-    _torchrun(out, "zero2,zero2-crash,zero2-resume,zero3,zero3-crash,zero3-resume")
-    phases = ("ddp", "zero2", "zero2-resume", "zero3", "zero3-resume")
+    _torchrun(out, "ddp,ddpemp")
+    _torchrun(out, "zero2,zero2-crash,zero2-resume,zero2emp,zero3,zero3-crash,zero3-resume,zero3emp")
+    phases = ("ddp", "ddpemp", "zero2", "zero2-resume", "zero2emp", "zero3", "zero3-resume", "zero3emp")
     result = {phase: [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)] for phase in phases}
     for stage in (2, 3):
         result[f"checkpoint{stage}"] = sorted(os.listdir(out / f"zero{stage}-split" / "checkpoint-4"))
@@ -87,6 +87,18 @@ def test_the_ascent_moves_the_weights_under_deepspeed_as_under_ddp(runs, stage):
     for ddp, zero in zip(runs["ddp"], runs[f"zero{stage}"]):
         assert len(zero["ascent_moved"]) == 3 and min(zero["ascent_moved"]) > 1e-3  # every point moved the weights
         assert _close(ddp["ascent_moved"], zero["ascent_moved"], 1e-4)  # by the DDP run's amount
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_empirical_fisher_under_zero_gives_the_ddp_scores(runs, stage):
+    for ddp, zero in zip(runs["ddpemp"], runs[f"zero{stage}emp"]):
+        assert zero["engine_stage"] == stage and zero["fisher_updates"] == ddp["fisher_updates"] == 0  # not online
+        scale = max(abs(x) for x in ddp["scores"])
+        assert scale > 0 and all(abs(x - y) <= 1e-6 * scale for x, y in zip(ddp["scores"], zero["scores"]))
+        assert zero["forget_indices"] == ddp["forget_indices"] and ddp["forget_indices"]
+        assert zero["unlearn_steps"] == ddp["unlearn_steps"] == 6
+        assert _close(ddp["weights"], zero["weights"], 1e-6)
+        assert scale != max(abs(x) for x in runs["ddp"][0]["scores"])  # a different Fisher: different scores
 
 
 def test_state_follows_the_parameters_whole_under_zero2_one_slice_per_rank_under_zero3(runs):

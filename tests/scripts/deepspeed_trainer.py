@@ -2,13 +2,14 @@
 
 Phases: ``ddp`` (the same run under DDP, the reference), ``zero<S>`` (6 steps under ZeRO stage S, checkpoints every
 2 steps), ``zero<S>-crash`` (stops at step 5, after checkpoint-4), ``zero<S>-resume`` (continues from the last
-checkpoint). Several phases can run in one torchrun, comma-separated, when they share the engine kind (the DDP
+checkpoint); ``ddpemp`` and ``zero<S>emp`` are the DDP and ZeRO runs with the empirical Fisher. Several phases can run in one torchrun, comma-separated, when they share the engine kind (the DDP
 reference cannot share a process with DeepSpeed: accelerate's state is a per-process singleton). Each rank
 writes ``<phase>-rank<r>.json``.
 """
 
 import json
 import os
+import re
 import sys
 
 import torch
@@ -65,8 +66,11 @@ def whole_fisher(callback, trainer, stage: int) -> dict[str, float]:
 def run(output_dir: str, phase: str) -> None:
     tokenizer = build_tokenizer()
     kind = phase.split("-")[0]
-    stage = int(kind[4:]) if kind.startswith("zero") else None
+    engine, empirical = re.fullmatch(r"(ddp|zero\d)(emp)?", kind).groups()
+    stage = int(engine[4:]) if engine.startswith("zero") else None
     extra = {} if stage is None else {"deepspeed": deepspeed_config(stage)}
+    if empirical:  # F from per-sample gradients of learning examples at each scoring point
+        extra.update(lwf_fisher="empirical", lwf_fisher_samples=4)
     folder = os.path.join(output_dir, phase if "-" not in phase else f"{kind}-split")
     args = lwf_args(folder, max_steps=6, per_device_train_batch_size=2, lwf_unlearn_every=2, lwf_forget_ratio=0.5,
                     lwf_unlearn_batch_size=2, lwf_mask_ratio=0.5, lwf_forget_loss_cap=50.0, save_strategy="steps",
