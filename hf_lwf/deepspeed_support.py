@@ -47,7 +47,7 @@ def deepspeed_stage(args) -> int | None:
         state = AcceleratorState._shared_state
         plugin = state.get("deepspeed_plugin") if state else None
         if plugin is None:
-            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
     if plugin is not None:
         return int(plugin.zero_stage)
     config = getattr(args, "deepspeed", None)
@@ -210,7 +210,7 @@ class PartitionTerms(ScoringTerms):
         terms._params = trainable_parameters(model)
         if mask_ratio < 1.0:
             total = sum(terms._params[n].ds_numel for n in fisher)
-            keep = max(1, int(round(mask_ratio * total)))
+            keep = max(1, round(mask_ratio * total))
             terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep,
                                           across_ranks=True)
         return terms
