@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from . import deepspeed_support
 from .method import fisher as fisher_lib
 from .config import GENERATION_FIELDS, LWFConfig, config_from_args
 from .method.confidence import score_self_data
@@ -72,6 +73,7 @@ class LWFCallback(TrainerCallback):
         self._fisher_step: int | None = None
         self._clip_coefficient: torch.Tensor | None = None  # fp16 under LWFTrainer: F is updated after the step
         self.is_adapter = False
+        self.deepspeed_stage: int | None = None  # the ZeRO stage under DeepSpeed
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_prompts(self) -> dict[str, list[str]]:
@@ -98,16 +100,14 @@ class LWFCallback(TrainerCallback):
         self._checked = True
 
     def _check_engine(self, args, model=None) -> None:
-        """DeepSpeed is refused; FSDP runs through LWFTrainer (or the mixin) with FSDP2 only."""
+        """DeepSpeed (ZeRO-2 and ZeRO-3) and FSDP (FSDP2 only) run through LWFTrainer (or the mixin)."""
         engine = _sharded_engine(args)
         if engine is None and model is not None and is_sharded(model):
             engine = "FSDP"  # a model sharded with fully_shard by hand
         if engine == "DeepSpeed":
-            raise ValueError(
-                f"hf_lwf does not support DeepSpeed yet: {_DEEPSPEED} What works: a single process, DDP (`torchrun`, "
-                "`accelerate launch --multi_gpu`) and FSDP2 through LWFTrainer, with PEFT and bf16/fp16 mixed "
-                "precision."
-            )
+            self.deepspeed_stage = deepspeed_support.deepspeed_stage(args)
+            deepspeed_support.check_supported(self.config, args, self.deepspeed_stage, self.via_trainer)
+            return
         if engine != "FSDP":
             return
         if not self.via_trainer:
@@ -173,12 +173,12 @@ class LWFCallback(TrainerCallback):
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
         if not self._restore(args, state, current, model):
             self.lwf_state, self.self_data, self._sampler = current, None, None
-        else:
+        elif self.deepspeed_stage != 3:  # ZeRO-3: _restore read this rank's slices already
             self.lwf_state.place_like(fisher_lib.trainable_parameters(model), device=self._state_device)
         if self.self_data is None:
             self._build_self_data(args, model, processing_class)
         if not self.lwf_state.reference:
-            self.lwf_state.reference = fisher_lib.snapshot(model, device=self._state_device)
+            self.lwf_state.reference = self._snapshot(model)
         if config.lwf_schedule == "early" and self.lwf_state.unlearn_points == 0:
             self._early_unlearning(args, state, model, optimizer, train_dataloader)
 
@@ -191,7 +191,13 @@ class LWFCallback(TrainerCallback):
             logger.warning(f"Resuming from {directory}, which has no LWF state: LWF starts afresh at this step.")
             return False
         params = fisher_lib.trainable_parameters(model)
-        saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows only
+        if self.deepspeed_stage == 3:  # the rows that cover this rank's slice, then the slice
+            saved = LWFState.load(directory, rows={n: deepspeed_support.partition_rows(p) for n, p in params.items()})
+            for group in (saved.fisher, saved.reference):
+                for name in list(group):
+                    group[name] = deepspeed_support.rows_to_partition(group[name], params[name])
+        else:
+            saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows
         if saved.config_hash != current.config_hash:
             changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
             logger.warning(
@@ -246,8 +252,18 @@ class LWFCallback(TrainerCallback):
         """Where F and theta_ref live: ``None`` means next to each parameter."""
         return "cpu" if self.config.lwf_state_device == "cpu" else None
 
+    def _snapshot(self, model, out=None):
+        """theta_ref: a copy of the trainable weights (under ZeRO-3, of this rank's slices), into ``out`` if given."""
+        if self.deepspeed_stage == 3:
+            return deepspeed_support.snapshot_partitions(fisher_lib.trainable_parameters(model), out=out)
+        if out is not None:
+            return fisher_lib.snapshot(model, out=out)
+        return fisher_lib.snapshot(model, device=self._state_device)
+
     # ----------------------------------------------------------------------------------- learning steps
-    def update_fisher(self, model, step: int, grad_scale: float | torch.Tensor = 1.0) -> None:
+    def update_fisher(
+        self, model, step: int, grad_scale: float | torch.Tensor = 1.0, grads: dict | None = None
+    ) -> None:
         """Fold this step's gradients (divided by ``grad_scale``) into the online Fisher, on the device, no host sync.
 
         ``LWFTrainer`` calls it before gradient clipping (bf16/fp32), or after an fp16 step that was not skipped with
@@ -255,19 +271,31 @@ class LWFCallback(TrainerCallback):
         coefficient gives the pre-clip ones). The callback alone calls it from ``on_optimizer_step``, after clipping
         (a callback sees no earlier gradients). Steps the optimizer skipped (fp16 overflow) contribute nothing.
         Every trainable parameter has an entry from the first step on; one without a gradient decays with g = 0.
+        ``grads``: the gradients when they are not in ``p.grad`` (DeepSpeed's partitioned buffers, read by
+        ``LWFTrainerMixin`` before the engine's step).
         """
-        if self.config.lwf_schedule != "periodic" or self.config.lwf_fisher != "online" or self._fisher_step == step:
+        if not self.wants_online_fisher() or self._fisher_step == step:
             return
         self._fisher_step = step
         params = fisher_lib.trainable_parameters(model)
+        if grads is None:
+            grads = {n: p.grad for n, p in params.items()}
         dtype = getattr(torch, self.config.lwf_fisher_dtype)
         lwf = self.lwf_state
-        if not lwf.fisher:
-            lwf.fisher = fisher_lib.zeros_like_parameters(params, dtype=dtype, device=self._state_device)
-        fisher_lib.online_fisher_update_(lwf.fisher, {n: p.grad for n, p in params.items()},
+        if not lwf.fisher:  # under ZeRO-3 a parameter holds no data: F is laid out like this rank's gradient slices
+            layout = grads if self.deepspeed_stage == 3 else params
+            lwf.fisher = fisher_lib.zeros_like_parameters(layout, dtype=dtype, device=self._state_device)
+        fisher_lib.online_fisher_update_(lwf.fisher, grads,
                                          self.config.lwf_fisher_decay, dtype=dtype, device=self._state_device,
                                          grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates)
         lwf.fisher_updates += 1
+
+    def skip_fisher_step(self, step: int) -> None:
+        """Leave F untouched for ``step`` (its gradients are not finite), also if asked again for it."""
+        self._fisher_step = step
+
+    def wants_online_fisher(self) -> bool:
+        return self.config.lwf_schedule == "periodic" and self.config.lwf_fisher == "online"
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
@@ -303,18 +331,24 @@ class LWFCallback(TrainerCallback):
                 fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
             else:
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
-                (fisher, _), scale = fisher_lib.empirical_fisher(
-                    model, examples, batch_size=config.lwf_fisher_batch_size,
-                    chunk_elements=config.lwf_score_chunk_size, with_mean=False, loss_scale=_loss_scale(optimizer),
-                ), 1.0
-            terms = fisher_lib.ScoringTerms.from_state(
+                if self.deepspeed_stage == 3:  # this rank's slices only
+                    fisher, scale = deepspeed_support.empirical_fisher_partitions(
+                        model, examples, chunk_elements=config.lwf_score_chunk_size), 1.0
+                else:
+                    (fisher, _), scale = fisher_lib.empirical_fisher(
+                        model, examples, batch_size=config.lwf_fisher_batch_size,
+                        chunk_elements=config.lwf_score_chunk_size, with_mean=False,
+                        loss_scale=_loss_scale(optimizer),
+                    ), 1.0
+            terms_class = deepspeed_support.PartitionTerms if self.deepspeed_stage == 3 else fisher_lib.ScoringTerms
+            terms = terms_class.from_state(
                 fisher, model=model, reference=lwf.reference, scale=scale, mask_ratio=config.lwf_mask_ratio
             )
             self._score_and_select(args, model, terms, lr, seed=config.lwf_seed + point,
                                    loss_scale=_loss_scale(optimizer))
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps)
         lwf.unlearn_points = point
-        lwf.reference = fisher_lib.snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
+        lwf.reference = self._snapshot(model, out=lwf.reference)  # in place: no second copy of theta_ref
         self._finish_point(state.global_step)
 
     def _early_unlearning(self, args, state, model, optimizer, train_dataloader) -> None:
@@ -333,7 +367,7 @@ class LWFCallback(TrainerCallback):
         periods = max(1, state.max_steps // config.lwf_unlearn_every) if state.max_steps > 0 else 1
         self._unlearn(args, model, optimizer, config.lwf_unlearn_steps * periods)
         self.lwf_state.unlearn_points = 1
-        self.lwf_state.reference = fisher_lib.snapshot(model, out=self.lwf_state.reference)
+        self.lwf_state.reference = self._snapshot(model, out=self.lwf_state.reference)
         self._finish_point(state.global_step)
 
     def _score_and_select(self, args, model, terms, lr: float, seed: int, loss_scale: float = 1.0) -> None:
@@ -377,7 +411,7 @@ class LWFCallback(TrainerCallback):
             logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
             self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
             return
-        step_optimizer = self._unlearning_optimizer(args, model, optimizer)
+        step_optimizer = self._unlearning_optimizer(args, model, optimizer) if self.deepspeed_stage is None else None
         device = input_device(model)
         loss_scale = _loss_scale(optimizer)
         losses, dropped, applied = [], 0, 0
@@ -385,10 +419,17 @@ class LWFCallback(TrainerCallback):
             positions = self._sampler.next_batch(self.config.lwf_unlearn_batch_size)
             rows = [self.self_data[lwf.forget_indices[p]] for p in positions]
             batch = {k: v.to(device) for k, v in collate_self_data(rows, self._pad_id).items()}
-            result = ascent_step(
-                model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
-                loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
-            )
+            if self.deepspeed_stage is not None:
+                result = deepspeed_support.ascent_step(
+                    model, fisher_lib.trainable_parameters(model), batch, lr=self.config.lwf_unlearn_lr,
+                    coef=self.config.lwf_unlearn_coef, loss_cap=self.config.lwf_forget_loss_cap,
+                    max_grad_norm=args.max_grad_norm,
+                )
+            else:
+                result = ascent_step(
+                    model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
+                    loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
+                )
             losses.append(result["forget_loss"])
             dropped += len(rows) - result["kept"]
             lwf.skipped_steps += result["skipped"]
@@ -460,16 +501,27 @@ class LWFCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(metrics)
 
-    def save_state(self, args, directory: str, step: int, create: bool = False) -> None:
+    def state_is_partitioned(self) -> bool:
+        """Whether F and theta_ref are held in parts across ranks (FSDP2 shards, ZeRO-3 slices): saving is collective."""
+        return self.lwf_state.is_sharded() or self.deepspeed_stage == 3
+
+    def save_state(self, args, directory: str, step: int, create: bool = False, model=None) -> None:
         """Write D_self, the LWF state and ``lwf_config.json`` into a checkpoint folder (main process only).
 
-        Under FSDP every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time) for the
-        main process to write, so the checkpoint holds whole tensors whatever the world size. ``create``: make the
+        Under FSDP and ZeRO-3 every rank must call it: the sharded F and theta_ref are gathered (one tensor at a time)
+        for the main process to write, so the checkpoint holds whole tensors whatever the world size (ZeRO-3 needs
+        ``model`` for the parameters' shapes). ``create``: make the
         folder if it does not exist yet (FSDP's sharded checkpoints write the model only after ``save_model``)."""
         if self._saved_step == step:
             return
         tensors = None
-        if self.lwf_state.is_sharded():
+        if self.deepspeed_stage == 3:  # every rank: each tensor all-gathered whole for the main process
+            params = fisher_lib.trainable_parameters(model)
+            tensors = {f"{group}/{name}": tensor for group in ("fisher", "reference") for name, tensor in
+                       deepspeed_support.gather_partitions(getattr(self.lwf_state, group), params,
+                                                           keep=args.should_save).items()}
+            self._saved_step = step
+        elif self.lwf_state.is_sharded():
             tensors = self.lwf_state.tensors_for_saving(keep=args.should_save)
             self._saved_step = step
         if not args.should_save or not (create or os.path.isdir(directory)):
@@ -503,7 +555,7 @@ class LWFCallback(TrainerCallback):
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not self.lwf_state.is_sharded():  # runs on rank 0 only: no gather here (save_model did it on every rank)
+        if not self.state_is_partitioned():  # runs on rank 0 only: no gather here (save_model did it on every rank)
             self.save_state(args, checkpoint, state.global_step)
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
@@ -522,12 +574,6 @@ def _quiet_datasets():
     finally:
         if enabled:
             datasets.enable_progress_bars()
-
-
-_DEEPSPEED = (
-    "DeepSpeed steps the optimizer inside backward, before any callback or Trainer hook sees the gradients, and under "
-    "ZeRO the gradients and parameters LWF reads are partitioned in DeepSpeed's own flat buffers."
-)
 
 
 def _sharded_engine(args) -> str | None:

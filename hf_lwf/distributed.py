@@ -69,11 +69,15 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def is_sharded(tensors: torch.Tensor | Iterable[torch.Tensor] | torch.nn.Module) -> bool:
-    """Whether ``tensors`` (one tensor, an iterable of them, or a model's parameters) holds FSDP2 ``DTensor`` shards."""
+    """Whether ``tensors`` (one tensor, an iterable of them, or a model's parameters) holds FSDP2 ``DTensor`` shards.
+
+    A model also counts as sharded under DeepSpeed ZeRO-3: its forwards are collective too."""
     if DTensor is None:
         return False
     if isinstance(tensors, torch.nn.Module):
         if FSDPModule is not None and any(isinstance(m, FSDPModule) for m in tensors.modules()):
+            return True
+        if any(hasattr(p, "ds_id") for p in tensors.parameters()):  # DeepSpeed ZeRO-3 partitions
             return True
         tensors = tensors.parameters()
     if isinstance(tensors, torch.Tensor):

@@ -23,7 +23,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
+from .deepspeed_support import full_gradients, install_fisher_hook, local_gradients
 from .distributed import full_tensor
+from .method.fisher import trainable_parameters
 from .modelcard import insert_card_section, lwf_card_section
 from .state import atomic_write_text, write_config
 
@@ -63,13 +65,36 @@ class LWFTrainerMixin:
         logs.update(self.lwf_callback.pop_metrics())
         super().log(logs, *args, **kwargs)
 
+    def _prepare_for_training(self, *args: Any, **kwargs: Any):
+        """Under DeepSpeed, wrap the engine's step: the online Fisher reads the gradients there, before clipping."""
+        prepared = super()._prepare_for_training(*args, **kwargs)
+        if self.is_deepspeed_enabled and self.lwf_callback.config is not None:
+            install_fisher_hook(self.model_wrapped, self._deepspeed_fisher_update)
+        return prepared
+
+    def _deepspeed_fisher_update(self) -> None:
+        callback = self.lwf_callback
+        if not callback.wants_online_fisher():
+            return
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        params = trainable_parameters(model)
+        # collective: every rank is inside engine.step
+        grads = local_gradients(params) if callback.deepspeed_stage == 3 else full_gradients(params)
+        if not grads:  # a non-finite gradient on some rank: no update anywhere
+            callback.skip_fisher_step(self.state.global_step)
+            return
+        callback.update_fisher(model, self.state.global_step, grads=grads)
+
     def _clip_grad_norm(self, model):
         """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip.
 
         Under an fp16 loss scaler the Fisher waits for the optimizer step (``on_optimizer_step``): only then is it
         known, without a host sync of our own, whether the step was skipped for overflow. It then reads the
         unscaled, clipped gradients and divides them by the clipping coefficient, kept here as a device tensor.
+        Under DeepSpeed the engine has stepped and clipped already; the Fisher was read in its step.
         """
+        if self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step)
@@ -82,9 +107,10 @@ class LWFTrainerMixin:
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
-        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.lwf_state.is_sharded():
+        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.state_is_partitioned():
             # collective: every rank; under FSDP's sharded checkpoints the folder does not exist yet
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True)
+            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True,
+                                         model=self.accelerator.unwrap_model(self.model_wrapped))
         if not self.args.should_save or self.lwf_callback.config is None:
             return
         write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())

@@ -352,20 +352,55 @@ def test_iterable_train_set_with_index_based_fisher_fails_at_construction(tokeni
     assert plain.state.global_step == 0
 
 
-@pytest.mark.parametrize("args,env", [({"deepspeed": "ds_config.json"}, {}), ({}, {"ACCELERATE_USE_DEEPSPEED": "true"})])
-def test_deepspeed_is_refused_naming_what_works(monkeypatch, args, env):
+@pytest.mark.parametrize("args,env", [
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}),
+    ({}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+])
+def test_deepspeed_needs_the_trainer_a_supported_stage_and_the_sgd_ascent(monkeypatch, args, env):
     from types import SimpleNamespace
 
-    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    for via_trainer in (False, True):
-        callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
-        callback.via_trainer = via_trainer
-        with pytest.raises(ValueError, match="does not support DeepSpeed yet") as info:
-            callback._check(SimpleNamespace(**args), None, None)
-        assert "DDP" in str(info.value) and "torchrun" in str(info.value) and "FSDP2 through LWFTrainer" in str(info.value)
+    sgd = dict(lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+    plain = LWFCallback(LWFConfig(**sgd))
+    with pytest.raises(ValueError, match="Under DeepSpeed, LWF must run through `LWFTrainer`"):
+        plain._check(SimpleNamespace(**args), None, None)
+    managed = LWFCallback(LWFConfig(**sgd))
+    managed.via_trainer = True
+    managed._check(SimpleNamespace(**args), None, None)  # ZeRO-2 through the trainer with the SGD ascent: accepted
+    assert managed.deepspeed_stage == 2
+    shared = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
+    shared.via_trainer = True
+    with pytest.raises(ValueError, match="`lwf_unlearn_optimizer` must be 'sgd'"):
+        shared._check(SimpleNamespace(**args), None, None)
+    with pytest.raises(ValueError, match="fp16=True"):
+        managed._check(SimpleNamespace(fp16=True, **args), None, None)
+    for stage in (0, 1):  # no partitioned gradients to read, untested: refused
+        if args:
+            other = SimpleNamespace(deepspeed={"zero_optimization": {"stage": stage}})
+        else:
+            monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+            other = SimpleNamespace()
+        with pytest.raises(ValueError, match=f"supports DeepSpeed ZeRO stage .*asks for stage {stage}"):
+            managed._check(other, None, None)
+    if args:
+        zero3 = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})
+    else:
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        zero3 = SimpleNamespace()
+    managed._check(zero3, None, None)  # ZeRO-3: accepted, with the online or the empirical Fisher
+    assert managed.deepspeed_stage == 3
+    empirical = LWFCallback(LWFConfig(**sgd, lwf_fisher="empirical"))
+    empirical.via_trainer = True
+    empirical._check(zero3, None, None)
+    for fields, message in (({"lwf_schedule": "early"}, "ZeRO-3 LWF supports the periodic schedule only"),
+                            ({"lwf_state_device": "cpu"}, "`lwf_state_device='cpu'` is not supported under ZeRO-3")):
+        other = LWFCallback(LWFConfig(**sgd, **fields))
+        other.via_trainer = True
+        with pytest.raises(ValueError, match=message):
+            other._check(zero3, None, None)
 
 
 @pytest.mark.parametrize("args,env", [({"fsdp": True}, {}), ({}, {"ACCELERATE_USE_FSDP": "true"})])

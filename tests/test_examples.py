@@ -117,3 +117,16 @@ def test_accelerate_fsdp2_config_selects_fsdp_version_2():
     config = load_config_from_file(path)
     assert config.distributed_type == DistributedType.FSDP
     assert config.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_deepspeed_configs_select_their_zero_stage(stage):
+    """The DeepSpeed launch configs docs/distributed.md points to parse with accelerate as ZeRO-2 / ZeRO-3."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "accelerate",
+                        f"deepspeed_zero{stage}.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert config.deepspeed_config["zero_stage"] == stage

@@ -147,7 +147,8 @@ class _Capture:
 
     def __enter__(self):
         for module in self.owned:
-            self.handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+            # prepend: before DeepSpeed ZeRO-3's post-forward hook releases the module's gathered weights
+            self.handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True))
         self.active = True
         return self
 
@@ -224,8 +225,9 @@ class _Capture:
         param, own = self.params[name], self.own[name]
         if own is not None and own.start == own.stop:  # an empty shard (a small tensor on a late rank)
             return
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 parameter's own shape is empty between uses
         locals_ = [self._local(u, name) for u in uses]
-        chunkable = param.dim() >= 2 and all((u.kind, loc) in _ROW_KINDS for u, loc in zip(uses, locals_))
+        chunkable = len(shape) >= 2 and all((u.kind, loc) in _ROW_KINDS for u, loc in zip(uses, locals_))
         if not chunkable:
             total = None
             for use, local in zip(uses, locals_):
@@ -234,9 +236,9 @@ class _Capture:
             self.consumer.dense(name, own, total if own is None else total[:, own])
             return
         batch = self.batch_size
-        row_numel = math.prod(param.shape[1:])
+        row_numel = math.prod(shape[1:])
         step = max(1, self.chunk_elements // max(1, batch * row_numel))
-        first, last = (0, param.shape[0]) if own is None else (own.start, own.stop)
+        first, last = (0, shape[0]) if own is None else (own.start, own.stop)
         # Dense uses first; embedding rows are then added into their block in place (no dense copy of their own).
         ordered = sorted(zip(uses, locals_), key=lambda pair: pair[0].kind == "embedding")
         for start in range(first, last, step):
