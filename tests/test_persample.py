@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FORGET_PROMPTS, LEARN_TEXTS, tiny_gpt2, tiny_llama
 
 from hf_lwf.confidence import batch_confidence, reference_confidence, score_self_data, sequence_losses
@@ -18,7 +19,7 @@ from hf_lwf.fisher import (
     update_mask,
     weighted_direction,
 )
-from hf_lwf.persample import FisherConsumer, per_sample_pass
+from hf_lwf.persample import _PLANS, FisherConsumer, per_sample_pass
 from hf_lwf.selfgen import collate_self_data, encode_prompt
 
 
@@ -205,6 +206,24 @@ class OffsetRMSNorm(torch.nn.Module):
         return (1.0 + self.weight) * h
 
 
+class _SquaredLinear(torch.nn.Linear):
+    """A Linear subclass whose forward is not ``x W^T + b``: its class fails the rule check and takes vmap."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.weight.abs(), self.bias)
+
+
+class _Gated(torch.nn.Module):
+    """Called as ``f(x, gate)`` with a per-sample second tensor: the fallback must split both arguments."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, dim))
+
+    def forward(self, x, gate):
+        return x * torch.sigmoid(gate * self.weight)
+
+
 class _Toy(torch.nn.Module):
     """A linear layer with bias called twice, an odd layer and a LayerNorm: every rule and the fallback."""
 
@@ -215,12 +234,15 @@ class _Toy(torch.nn.Module):
         self.odd = _Odd(dim)
         self.norm = torch.nn.LayerNorm(dim)
         self.rms = OffsetRMSNorm(dim)
+        self.squared = _SquaredLinear(dim, dim)
+        self.gated = _Gated(dim)
         self.head = torch.nn.Linear(dim, vocab, bias=False)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.embed(input_ids)
         h = torch.tanh(self.shared(h))
         h = self.shared(self.odd(h))
+        h = self.gated(self.squared(h), h.flip(1))
         return type("Out", (), {"logits": self.head(self.rms(self.norm(h)))})()
 
 
@@ -238,18 +260,18 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-4)
     _assert_rel(n, n_ref, rtol=1e-4)
-    from hf_lwf.persample import _RMS_RULE
-
-    assert _RMS_RULE[OffsetRMSNorm] is False
+    verdict = _PLANS[toy].verdict
+    # (1 + w) * xhat has the RMSNorm rule's gradient: the check compares gradients, not outputs.
+    assert verdict[OffsetRMSNorm] == "rule"
+    assert verdict[_SquaredLinear] == verdict[_Odd] == verdict[_Gated] == "generic"
+    assert verdict[torch.nn.Linear] == verdict[torch.nn.LayerNorm] == verdict[torch.nn.Embedding] == "rule"
 
 
 def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
-    from hf_lwf.persample import _RMS_RULE
-
-    _RMS_RULE.clear()
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
     batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
-    assert _RMS_RULE[type(llama.model.norm)] is True
+    assert _PLANS[llama].verdict[type(llama.model.norm)] == "rule"
+    assert not _PLANS[llama].exact
 
 
 def _examples(tokenizer, n=5):
@@ -301,3 +323,122 @@ def test_bias_corrected_scale_matches_bias_corrected():
     scale = 1 / (1 - 0.5**2)
     terms = ScoringTerms.from_state(fisher, delta={"w": torch.tensor([1.0, -1.0])}, scale=scale)
     assert terms.chunk("w")[1].tolist() == bias_corrected(fisher, 2, 0.5)["w"].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Coverage: every tiny model family and adapter against an independent per-sample loop on UNPADDED rows.
+
+def _tiny(family: str, vocab: int):
+    """A tiny random model of ``family`` built from its config (hidden 32, 2 layers, eval mode)."""
+    import transformers as tf
+
+    torch.manual_seed(11)
+    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **llama_like))
+    elif family == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                                                          layer_types=["sliding_attention", "full_attention"],
+                                                          **llama_like))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like))
+    elif family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=8, num_experts_per_tok=1, **llama_like))
+    elif family == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                               word_embed_proj_dim=32, max_position_embeddings=256, dropout=0.0,
+                                               **common))
+    elif family == "gpt2":
+        model = tiny_gpt2(vocab, seed=11)
+    else:
+        model = tiny_llama(vocab, seed=11)
+    with torch.no_grad():  # no zero-initialised weight (LayerNorm biases, OPT/GPT-2 biases): every term is exercised
+        for p in model.parameters():
+            if float(p.abs().max()) == 0.0:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _adapted(kind: str, vocab: int):
+    """Tiny Llama with a PEFT adapter (initialised away from identity so that every adapter gradient is non-zero)."""
+    peft = pytest.importorskip("peft")
+    base = _tiny("llama", vocab)
+    if kind == "lora_embed_head":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                                 init_lora_weights=False)
+    elif kind == "dora":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                 init_lora_weights=False)
+    elif kind == "ia3":
+        config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                init_ia3_weights=False)
+    else:
+        config = peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    torch.manual_seed(12)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _rows(tokenizer):
+    responses = [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70, 40, 40]]
+    return [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": r} for p, r in zip(FORGET_PROMPTS, responses)]
+
+
+def _independent(model, rows, pad_id, direction, curvature):
+    """a(x), n(x) from one plain ``torch.autograd.grad`` per row, each row on its own (no padding at all)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    a, n = [], []
+    for row in rows:
+        single = collate_self_data([row], pad_id)
+        assert bool(single["attention_mask"].all())
+        logits = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
+        loss = sequence_losses(logits, single["labels"])[0]
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = {k: (torch.zeros_like(p) if g is None else g).double() for (k, p), g in zip(params.items(), grads)}
+        a.append(sum((grads[k] * direction[k].double()).sum() for k in direction))
+        n.append(sum((grads[k].square() * curvature[k].double()).sum() for k in curvature))
+    return torch.stack(a), torch.stack(n)
+
+
+def _coverage(model, tokenizer, rtol=1e-4):
+    """Scores of the batched pass (padded, length-sorted batches) against the independent loop, for a and n."""
+    rows = _rows(tokenizer)
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(13)
+    direction = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    curvature = {k: torch.rand(p.shape, generator=g) for k, p in params.items()}
+    a_ref, n_ref = _independent(model, rows, tokenizer.pad_token_id, direction, curvature)
+    batch = collate_self_data(rows, tokenizer.pad_token_id)
+    assert not bool(batch["attention_mask"].all())  # the batched pass does see padding
+    a, n = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature))
+    _assert_rel(a, a_ref, rtol)
+    _assert_rel(n, n_ref, rtol)
+    a_only, _ = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature), norms=False)
+    _assert_rel(a_only, a_ref, rtol)
+    lr = 0.1
+    scores = score_self_data(model, rows, tokenizer.pad_token_id, direction, curvature, lr, "deviation", batch_size=3,
+                             show_progress=False)
+    _assert_rel(scores, lr * a_ref + 0.5 * lr**2 * n_ref, rtol)
+    assert all(p.grad is None for p in model.parameters())
+    return a_ref, n_ref
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "qwen2", "opt", "gpt2", "llama", "mixtral"])
+def test_every_model_family_is_exact(tokenizer, family):
+    model = _tiny(family, len(tokenizer))
+    _coverage(model, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["lora_embed_head", "ia3", "loha", "dora"])
+def test_every_adapter_is_exact(tokenizer, kind):
+    model = _adapted(kind, len(tokenizer))
+    names = set(trainable_parameters(model))
+    assert names and all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    a_ref, n_ref = _coverage(model, tokenizer)
+    assert bool((n_ref > 0).all())
