@@ -19,7 +19,7 @@ from hf_lwf.fisher import (
     update_mask,
     weighted_direction,
 )
-from hf_lwf.persample import _PLANS, FisherConsumer, per_sample_pass
+from hf_lwf.persample import FisherConsumer, per_sample_pass
 from hf_lwf.selfgen import collate_self_data, encode_prompt
 
 
@@ -260,6 +260,8 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-4)
     _assert_rel(n, n_ref, rtol=1e-4)
+    from hf_lwf.persample import _PLANS
+
     verdict = _PLANS[toy].verdict
     # (1 + w) * xhat has the RMSNorm rule's gradient: the check compares gradients, not outputs.
     assert verdict[OffsetRMSNorm] == "rule"
@@ -268,6 +270,8 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
 
 
 def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
+    from hf_lwf.persample import _PLANS
+
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
     batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
     assert _PLANS[llama].verdict[type(llama.model.norm)] == "rule"
@@ -442,3 +446,108 @@ def test_every_adapter_is_exact(tokenizer, kind):
     assert names and all(p.requires_grad == (n in names) for n, p in model.named_parameters())
     a_ref, n_ref = _coverage(model, tokenizer)
     assert bool((n_ref > 0).all())
+
+
+def test_mixtral_expert_that_gets_no_token_is_exact(tokenizer):
+    """Fused expert weights, top-1 routing with expert 7 never chosen: its slice of the weights gets exactly zero."""
+    model = _tiny("mixtral", len(tokenizer))
+    routed = []
+
+    def never_expert_7(module, args, output):
+        logits, scores, indices = output
+        indices = torch.where(indices == 7, torch.zeros_like(indices), indices)
+        routed.append(indices)
+        return logits, scores, indices
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(never_expert_7)
+    a_ref, n_ref = _coverage(model, tokenizer)
+    assert all(int((i == 7).sum()) == 0 for i in routed)
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(model).items()}
+    consumer = FisherConsumer(trainable_parameters(model))
+    per_sample_pass(model, collate_self_data(_rows(tokenizer), 0), consumer,
+                    lambda m, b: sequence_losses(m(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits,
+                                                 b["labels"]), trainable_parameters(model))
+    experts = consumer.squares["model.layers.0.mlp.experts.gate_up_proj"]
+    assert float(experts[7].abs().max()) == 0.0 and float(experts[:7].abs().max()) > 0
+    del curvature, a_ref, n_ref
+
+
+def test_scoring_inside_an_enclosing_autocast(tokenizer):
+    """Tied embeddings (GPT-2) under ``torch.autocast``: the per-sample math stays fp32 and matches the loop."""
+    model = _tiny("gpt2", len(tokenizer))
+    rows = _rows(tokenizer)
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(14)
+    direction = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    curvature = {k: torch.rand(p.shape, generator=g) for k, p in params.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_ref, n_ref = _independent(model, rows, 0, direction, curvature)
+        a, n = batch_confidence(model, collate_self_data(rows, 0), ScoringTerms.explicit(direction, curvature))
+    _assert_rel(a, a_ref, rtol=5e-2)
+    _assert_rel(n, n_ref, rtol=5e-2)
+
+
+class _Unused(torch.nn.Module):
+    """A trainable module that the forward never calls."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+
+class _WithAdapterDict(torch.nn.Module):
+    """A ``ParameterDict`` used directly by its parent (as PEFT's embedding LoRA and IA3 do), an unused module."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.scales = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.linspace(0.5, 1.5, dim))})
+        self.unused = _Unused(dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return type("Out", (), {"logits": self.head(torch.tanh(self.embed(input_ids) * self.scales["a"]))})()
+
+
+def _toy_batch():
+    return {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+            "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
+
+
+def test_parameters_used_outside_a_module_call_take_the_exact_path():
+    from hf_lwf.persample import _PLANS
+
+    torch.manual_seed(0)
+    toy = _WithAdapterDict()
+    params = trainable_parameters(toy)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
+    exact = _PLANS[toy].exact
+    assert set(exact) == {"scales.a", "unused.weight"}
+    assert "outside a call of its module" in exact["scales.a"] and "no part" in exact["unused.weight"]
+    # The scales alone: their contribution is not zero (it was, silently, before).
+    only = {"scales.a": direction["scales.a"]}
+    a_scales, _ = batch_confidence(toy, batch, ScoringTerms.explicit(only, {}), norms=False)
+    zero = {"scales.a": torch.zeros_like(direction["scales.a"])}
+    _assert_rel(a_scales, reference_confidence(toy, batch, only, zero, 1.0, "alignment"), rtol=1e-5)
+    assert bool((a_scales != 0).all())
+
+
+def test_a_parameter_without_a_per_sample_contribution_is_an_error(monkeypatch):
+    import hf_lwf.persample as persample
+
+    torch.manual_seed(0)
+    toy = _WithAdapterDict()
+    params = trainable_parameters(toy)
+    monkeypatch.setattr(persample, "_exact_pass", lambda *args: None)  # a path that silently drops its parameters
+    curvature = {n: torch.ones_like(p) for n, p in params.items()}
+    with pytest.raises(RuntimeError, match=r"'scales\.a' \(owned by 'scales' \(ParameterDict\)\)"):
+        batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
