@@ -551,3 +551,29 @@ def test_a_parameter_without_a_per_sample_contribution_is_an_error(monkeypatch):
     curvature = {n: torch.ones_like(p) for n, p in params.items()}
     with pytest.raises(RuntimeError, match=r"'scales\.a' \(owned by 'scales' \(ParameterDict\)\)"):
         batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
+
+
+class _GatedToy(torch.nn.Module):
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.gated = _Gated(dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        return type("Out", (), {"logits": self.head(self.gated(h, h.flip(1) * 3.0))})()
+
+
+def test_the_module_fallback_splits_every_per_sample_argument():
+    """``f(x, other)`` with a per-sample ``other``: only the gate's parameter, against the per-sample loop."""
+    torch.manual_seed(0)
+    toy = _GatedToy()
+    only = {"gated.weight": torch.linspace(1.0, 2.0, 6)}
+    curvature = {"gated.weight": torch.ones(6)}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(only, curvature))
+    a_ref = reference_confidence(toy, batch, only, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, only, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
