@@ -105,7 +105,7 @@ def main(repeats: int = 5) -> dict:
     seconds = {k: statistics.median(v) for k, v in times.items()}
     seconds["first_model_build"] = statistics.median(_timed(_model) for _ in range(3))
     return {
-        "workload": "Llama hidden 256, 4 layers, vocab 4000 (11M parameters), batch 8 of 51-100 tokens, fp32 CPU",
+        "workload": "Llama hidden 256, 4 layers, vocab 4000 (5.0M parameters), batch 8 of 51-100 tokens, fp32 CPU",
         "seconds": seconds,
         "exact_over_rules": seconds["exact"] / seconds["rules"],
         "rules_over_forward_backward": seconds["rules"] / seconds["forward_backward"],

@@ -9,11 +9,19 @@ gradients, layer by layer:
 
 * ``nn.Linear`` (and so LoRA's A/B): ``G_x = sum_t b_t a_t^T``; bias ``sum_t b_t``.
 * ``transformers``' ``Conv1D`` (GPT-2, transposed weight): ``G_x = sum_t a_t b_t^T``.
-* ``nn.Embedding``: rows of the sample's tokens, ``G_x[v] = sum_{t: id_t = v} b_t`` (``padding_idx`` excluded).
-* ``nn.LayerNorm``: weight ``sum_t b_t * xhat_t``, bias ``sum_t b_t``; Llama-style ``*RMSNorm`` the same, once
-  ``out == weight * xhat`` has been checked for its class.
-* anything else (RMSNorm, ...): ``torch.func.vmap`` of the gradient of ``<module(a_x), b_x>`` with respect to
-  the module's own parameters, or, if that transform fails, a per-sample backward through that module only.
+* ``nn.Embedding``: rows of the sample's tokens, ``G_x[v] = sum_{t: id_t = v} b_t`` (``padding_idx`` excluded),
+  times ``s`` for a subclass whose output is ``s * lookup`` (Gemma's ``embed_scale``).
+* ``nn.LayerNorm``: weight ``sum_t b_t * xhat_t``, bias ``sum_t b_t``; Llama-style ``*RMSNorm`` the same.
+* anything else: ``torch.func.vmap`` of the gradient of ``<module(a_x), b_x>`` with respect to the module's own
+  parameters (every argument whose first dimension is the batch split per sample), or, if that transform
+  fails, a per-sample backward through that module only.
+
+No rule is trusted blindly (:class:`_Plan`): the first pass over a model checks every module class once against
+plain per-sample autograd of that module, and watches how every wanted parameter is used. A class whose rule
+does not match takes the vmap path. Parameters that no module-level path covers (used outside a call of their
+module, as PEFT's ``ParameterDict`` adapters are; owned by modules not called on batch-first tensors, as fused
+MoE experts are) take the exact path: one ``torch.autograd.grad`` of each sample's loss. After the pass every
+wanted parameter must have received its contribution, or the pass raises.
 
 The per-sample gradient of a weight is formed in chunks of rows (at most ``chunk_elements`` numbers at once),
 reduced to the per-sample scalars (or the Fisher sums) and dropped at once. A parameter used by several modules
