@@ -48,7 +48,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .distributed import local_rows, local_view
+from .distributed import is_sharded, local_rows, local_view
 from .fisher import TensorDict
 
 
@@ -93,11 +93,13 @@ class Consumer:
 class _Use:
     """One call of a module during the recorded forward."""
 
-    __slots__ = ("module", "kind", "args", "kwargs", "grad", "cache", "scale", "autocast")
+    __slots__ = ("module", "kind", "args", "kwargs", "grad", "cache", "scale", "autocast", "node", "reached")
 
     def __init__(self, module, kind, args, kwargs, scale=1.0, autocast=None):
         self.module, self.kind, self.args, self.kwargs = module, kind, args, kwargs
         self.grad: torch.Tensor | None = None
+        self.node = None  # the autograd node of the hooked output
+        self.reached = False  # whether the backward delivered its output gradient
         self.cache: dict[str, torch.Tensor] | None = None
         self.scale = scale
         self.autocast = autocast
@@ -362,6 +364,7 @@ class _Capture:
                     and not any(tensor is r for r in self.roots)):
                 self.roots.append(tensor)
         output.register_hook(lambda g, use=use: self._backward_hook(use, g))
+        use.node = output.grad_fn
         return replaced
 
     def _check(self, module, kind, args, kwargs, output, scale) -> str:
@@ -427,7 +430,7 @@ class _Capture:
     def _backward_hook(self, use: _Use, grad_output: torch.Tensor) -> None:
         if not self.active:  # the exact path's per-sample backwards pass through the hooked outputs too
             return
-        use.grad = grad_output.detach()
+        use.grad, use.reached = grad_output.detach(), True
         with _autocast_off(grad_output.device):
             for local, name in self.owned[use.module]:
                 if self.consumer.linear:
@@ -440,8 +443,25 @@ class _Capture:
         if self.consumer.linear:
             use.args = use.kwargs = use.grad = None
 
-    def flush(self) -> None:
-        """Finish the parameters some of whose uses got no gradient (outputs that do not reach the loss: zero)."""
+    def flush(self, losses: torch.Tensor) -> None:
+        """Finish the parameters some of whose uses got no gradient (outputs that do not reach the loss: zero).
+
+        An output that got no gradient although the loss depends on it would be a silent zero: that is an error."""
+        idle = [u for uses in self.uses.values() for u in uses if not u.reached and u.node is not None]
+        if idle and losses.grad_fn is not None:
+            reachable, stack = set(), [losses.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node is not None and node not in reachable:
+                    reachable.add(node)
+                    stack.extend(next_node for next_node, _ in node.next_functions)
+            lost = [u for u in idle if u.node in reachable]
+            if lost:
+                module = lost[0].module
+                raise RuntimeError(
+                    f"Per-sample gradients: the output of '{self.module_names[module]}' ({type(module).__name__}) "
+                    "is on the loss's graph but the backward did not reach it (a tensor that requires grad outside "
+                    "the parameters?); its per-sample gradients would be silently zero.")
         for name in list(self.uses):
             if self.uses[name]:
                 if not self.consumer.linear:
@@ -601,6 +621,12 @@ def _embedding_scale(module: torch.nn.Embedding, ids: torch.Tensor, output: torc
 
     Least squares over the call; the class check then confirms the rule with that ``s`` against exact autograd."""
     weight = module.weight.detach()
+    if is_sharded(weight):  # FSDP2 has resharded the weight by now: take the scale the Gemma family stores
+        scale = getattr(module, "embed_scale", None)
+        if scale is None:
+            raise NotImplementedError(f"Per-sample gradients under FSDP: {type(module).__name__} overrides the "
+                                      "forward of nn.Embedding and cannot be checked on a sharded weight.")
+        return float(scale)
     lookup = F.embedding(ids, weight, module.padding_idx).float()
     denominator = float(lookup.square().sum())
     if denominator == 0.0:
@@ -749,7 +775,7 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
         inputs = capture.roots + [params[n] for n in exact]
         if inputs and losses.requires_grad:
             torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=bool(exact))
-        capture.flush()
+        capture.flush(losses)
         capture.active = False
         _exact_pass(capture, losses, exact, batch_size)
         for name in wanted:  # called in an earlier batch, not in this one (an idle expert): its gradient is zero

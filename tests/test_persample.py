@@ -577,3 +577,27 @@ def test_the_module_fallback_splits_every_per_sample_argument():
     n_ref = (reference_confidence(toy, batch, only, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-5)
     _assert_rel(n, n_ref, rtol=1e-5)
+
+
+class _HiddenLeaf(torch.nn.Module):
+    """A layer whose only input comes from a tensor made to require grad inside the forward: no parameter and no
+    recorded root lies below it, so a backward restricted to those would never reach its output."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.side = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        hidden = torch.ones_like(h, requires_grad=True) * 0.5
+        return type("Out", (), {"logits": self.head(h + self.side(hidden))})()
+
+
+def test_an_output_the_backward_does_not_reach_is_an_error_not_a_zero():
+    torch.manual_seed(0)
+    toy = _HiddenLeaf()
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(toy).items()}
+    with pytest.raises(RuntimeError, match=r"'side' \(Linear\) is on the loss's graph"):
+        batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
