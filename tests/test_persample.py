@@ -354,6 +354,11 @@ def _tiny(family: str, vocab: int):
         model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                                word_embed_proj_dim=32, max_position_embeddings=256, dropout=0.0,
                                                **common))
+    elif family == "biogpt":
+        model = tf.BioGptForCausalLM(tf.BioGptConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=256,
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                     **common))
     elif family == "gpt2":
         model = tiny_gpt2(vocab, seed=11)
     else:
@@ -433,7 +438,7 @@ def _coverage(model, tokenizer, rtol=1e-4):
     return a_ref, n_ref
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma3", "qwen2", "opt", "gpt2", "llama", "mixtral"])
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "qwen2", "opt", "biogpt", "gpt2", "llama", "mixtral"])
 def test_every_model_family_is_exact(tokenizer, family):
     model = _tiny(family, len(tokenizer))
     _coverage(model, tokenizer)
