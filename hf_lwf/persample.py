@@ -747,7 +747,8 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
         raise NotImplementedError(
             "Per-sample gradients: under FSDP every trainable parameter needs a per-module rule, but "
             + ", ".join(f"{capture.describe(n)}: {plan.exact[n]}" for n in exact[:3])
-            + ". Use lwf_fisher='online' and the default DDP or single-device setup for this model.")
+            + ". The exact per-sample path is not available on sharded parameters: train this model with DDP or on "
+            "one device, or freeze these parameters.")
     frozen = [p for n, p in params.items() if n not in exact]
     mode = _DirectUses(capture) if watch else contextlib.nullcontext()
     with without_input_require_grads(model), _frozen(frozen), torch.enable_grad(), capture:
@@ -762,11 +763,16 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
                 elif name not in capture.called:
                     capture.new_exact.setdefault(name, "took no part in the first forward through a call of its module")
         if capture.new_exact:
+            groups: dict[tuple, list[str]] = {}
             for name, why in capture.new_exact.items():
                 plan.exact[name] = why
-                _log_once(plan, ("param", name), logging.INFO,
-                          f"Per-sample gradients: {capture.describe(name)} {why}; it takes the exact per-sample "
-                          "autograd path (about one backward per sample).")
+                owner = capture.owners[name][0] if capture.owners[name] else None
+                groups.setdefault((type(owner), why), []).append(name)
+            for key, names in groups.items():  # once per owning class and reason
+                more = f" (and {len(names) - 1} more parameters of that class)" if len(names) > 1 else ""
+                _log_once(plan, key, logging.INFO,
+                          f"Per-sample gradients: {capture.describe(names[0])}{more} {key[1]}; they take the exact "
+                          "per-sample autograd path (about one backward per sample).")
             raise _Restart
         if watch:
             plan.seen.update(wanted)
