@@ -606,3 +606,31 @@ def test_an_output_the_backward_does_not_reach_is_an_error_not_a_zero():
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(toy).items()}
     with pytest.raises(RuntimeError, match=r"'side' \(Linear\) is on the loss's graph"):
         batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
+
+
+def test_lm_head_blocks_slice_the_output_gradient_before_casting(tokenizer):
+    """bf16 weights, lm_head in row blocks: no fp32 copy of the whole [batch, tokens, vocab] gradient is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestUpcast(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    model = tiny_llama(len(tokenizer), seed=3).to(torch.bfloat16).eval()
+    batch = _batch(tokenizer)
+    curvature = {n: torch.ones_like(p, dtype=torch.float32) for n, p in trainable_parameters(model).items()}
+    terms = ScoringTerms.explicit({}, curvature)
+    batch_confidence(model, batch, terms, chunk_elements=4096)  # the first pass checks the classes
+    size, length = batch["input_ids"].shape
+    with LargestUpcast() as watch:
+        _, n = batch_confidence(model, batch, terms, chunk_elements=4096)
+    assert bool(torch.isfinite(n).all()) and bool((n > 0).all())
+    # The loss upcasts the shifted logits ([batch, tokens - 1, vocab]); nothing larger is cast.
+    assert watch.largest <= size * (length - 1) * model.config.vocab_size
