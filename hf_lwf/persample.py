@@ -20,8 +20,10 @@ No rule is trusted blindly (:class:`_Plan`): the first pass over a model checks 
 plain per-sample autograd of that module, and watches how every wanted parameter is used. A class whose rule
 does not match takes the vmap path. Parameters that no module-level path covers (used outside a call of their
 module, as PEFT's ``ParameterDict`` adapters are; owned by modules not called on batch-first tensors, as fused
-MoE experts are) take the exact path: one ``torch.autograd.grad`` of each sample's loss. After the pass every
-wanted parameter must have received its contribution, or the pass raises.
+MoE experts are) take the exact path: one ``torch.autograd.grad`` of each sample's loss. A rule class called on
+flattened tokens (OPT's ``[batch * tokens, hidden]``) keeps its rule once one exact backward of a single sample's
+loss has shown its rows grouped by sample. After the pass every wanted parameter must have received its
+contribution, or the pass raises.
 
 The per-sample gradient of a weight is formed in chunks of rows (at most ``chunk_elements`` numbers at once),
 reduced to the per-sample scalars (or the Fisher sums) and dropped at once. A parameter used by several modules
@@ -152,6 +154,7 @@ class _Plan:
       experts and routers or OPT's layers on flattened tokens are; or never seen in the forward). They keep
       ``requires_grad`` during the pass and get their per-sample gradients from one plain ``torch.autograd.grad``
       per sample of that sample's loss (exact, at about one backward per sample).
+    * ``flat``: per module class called on flattened tokens, whether its rows were found grouped by sample.
     * ``seen``: the parameter names whose use was watched once (the first pass that wanted them).
     """
 
@@ -160,6 +163,7 @@ class _Plan:
         self.exact: dict[str, str] = {}
         self.seen: set[str] = set()
         self.logged: set = set()
+        self.flat: dict[type, bool] = {}  # per class: rows of its flattened-token calls are batch-major (checked)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -268,6 +272,9 @@ class _Capture:
         self.direct: dict[str, object] = {}
         self.running: dict[torch.nn.Module, int] = {}
         self.roots: list[torch.Tensor] = []
+        self.flat_uses: list[_Use] = []  # flattened-token calls whose class's row layout is not checked yet
+        self.probing = False
+        self.probed: dict[int, torch.Tensor] = {}
         self.active = False
         self.handles = []
 
@@ -325,8 +332,16 @@ class _Capture:
         if not isinstance(output, torch.Tensor) or output.dim() == 0:
             self._unsupported(module, "does not return one tensor")
             return None
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        flat = (output.shape[0] != batch and output.shape[0] % batch == 0 and _kind(module) != "generic"
+                and first is not None and first.dim() > 0 and first.shape[0] == output.shape[0]
+                and self.plan.flat.get(type(module), True))
+        if flat:  # tokens flattened into the first dimension (OPT): rows batch-major, checked once per class
+            tokens = output.shape[0] // batch
+            args = (first.reshape(batch, tokens, *first.shape[1:]), *args[1:])
+            return self._record_use(module, args, kwargs, output, output.reshape(batch, tokens, *output.shape[1:]),
+                                    None, flat=True)
         if output.shape[0] != batch:
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if output.shape[0] != 1 or first is None or first.dim() == 0 or first.shape[0] != 1:
                 self._unsupported(module, f"is called on tensors whose first dimension is not the batch ({batch})")
                 return None
@@ -334,6 +349,11 @@ class _Capture:
             # would already be summed over samples, so give each sample its own copy.
             args = (first.expand(batch, *first.shape[1:]), *args[1:])
             output = replaced = output.expand(batch, *output.shape[1:])
+        return self._record_use(module, args, kwargs, output, output, replaced)
+
+    def _record_use(self, module, args, kwargs, output, view, replaced, flat=False):
+        """Record one call; ``view`` is ``output`` with the batch first (a reshape of a flattened-token output)."""
+        batch = self.batch_size
         kind = _kind(module)
         if kind != "generic" and not _per_sample_tensor(args[0] if args else None, batch):
             kind = "generic"
@@ -345,13 +365,18 @@ class _Capture:
             scale = _embedding_scale(module, args[0], output)
         verdict = self.plan.verdict.get(type(module))
         if verdict is None:
-            verdict = self.plan.verdict[type(module)] = self._check(module, kind, args, kwargs, output, scale)
+            verdict = self.plan.verdict[type(module)] = self._check(module, kind, args, kwargs, view, scale)
         if verdict == "exact":
             self._unsupported(module, "has no per-sample path that matched the exact per-sample gradient")
             return None
         if verdict == "generic":
+            if flat:  # the vmap path needs batch-first calls
+                self._unsupported(module, "is called on flattened tokens and its rule does not match")
+                return None
             kind = "generic"
         use = _Use(module, kind, args, kwargs, scale, _autocast_state(output.device))
+        if flat and type(module) not in self.plan.flat:
+            self.flat_uses.append(use)
         for _, name in self.owned[module]:
             self.uses[name].append(use)
             self.pending[name] += 1
@@ -427,8 +452,53 @@ class _Capture:
         use.cache = None
         return total
 
+    def check_layout(self, losses: torch.Tensor, labels: torch.Tensor) -> None:
+        """Check once per class that flattened-token calls hold the tokens of sample x in rows ``x*T .. x*T+T-1``.
+
+        One exact backward of the loss of the sample with the most labelled tokens: under that layout its output
+        gradient is zero in every other sample's rows. A class that fails takes the exact path (restart)."""
+        sample = int((labels != -100).sum(1).argmax())
+        inputs = self.roots + [p for n, p in self.params.items() if n in self.plan.exact]
+        if not losses.requires_grad or not inputs:
+            return
+        self.probing = True
+        try:
+            torch.autograd.grad(losses[sample], inputs, retain_graph=True, allow_unused=True)
+        finally:
+            self.probing = False
+        verdicts: dict[type, bool] = {}
+        for use in self.flat_uses:
+            g = self.probed.pop(id(use), None)
+            cls = type(use.module)
+            if g is None:
+                verdicts.setdefault(cls, None)
+                continue
+            rows = g.reshape(self.batch_size, -1)
+            others = torch.cat([rows[:sample], rows[sample + 1 :]])
+            ok = bool((others == 0).all()) and bool((rows[sample] != 0).any())
+            verdicts[cls] = ok and verdicts.get(cls) is not False
+        for cls, ok in verdicts.items():
+            if ok is None:  # no gradient reached this class in the probe: decide on a later batch
+                continue
+            self.plan.flat[cls] = ok
+            if not ok:
+                for use in self.flat_uses:
+                    if type(use.module) is cls:
+                        for _, name in self.owned[use.module]:
+                            self.plan.exact.setdefault(name, f"{cls.__name__} is called on flattened tokens whose "
+                                                       "rows are not batch-major")
+                            self.new_exact[name] = self.plan.exact[name]
+                _log_once(self.plan, ("flat", cls), logging.WARNING,
+                          f"Per-sample gradients: {cls.__name__} is called on flattened tokens whose rows are not "
+                          "grouped by sample; its parameters take the exact per-sample autograd path.")
+        if self.new_exact:
+            raise _Restart
+
     def _backward_hook(self, use: _Use, grad_output: torch.Tensor) -> None:
         if not self.active:  # the exact path's per-sample backwards pass through the hooked outputs too
+            return
+        if self.probing:  # the layout probe: record, consume nothing
+            self.probed[id(use)] = grad_output.detach()
             return
         use.grad, use.reached = grad_output.detach(), True
         with _autocast_off(grad_output.device):
@@ -774,6 +844,8 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
                           f"Per-sample gradients: {capture.describe(names[0])}{more} {key[1]}; they take the exact "
                           "per-sample autograd path (about one backward per sample).")
             raise _Restart
+        if capture.flat_uses:
+            capture.check_layout(losses, batch["labels"])
         if watch:
             plan.seen.update(wanted)
         # The backward must reach every hooked output: from the roots (outputs that did not require grad, input

@@ -634,3 +634,52 @@ def test_lm_head_blocks_slice_the_output_gradient_before_casting(tokenizer):
     assert bool(torch.isfinite(n).all()) and bool((n > 0).all())
     # The loss upcasts the shifted logits ([batch, tokens - 1, vocab]); nothing larger is cast.
     assert watch.largest <= size * (length - 1) * model.config.vocab_size
+
+
+class _Flattened(torch.nn.Module):
+    """Linear layers on flattened tokens: batch-major rows (as OPT) and, with ``time_major``, rows grouped by position."""
+
+    def __init__(self, time_major: bool, vocab=11, dim=6):
+        super().__init__()
+        self.time_major = time_major
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.mid = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        batch, length, dim = h.shape
+        flat = h.transpose(0, 1).reshape(-1, dim) if self.time_major else h.reshape(-1, dim)
+        flat = torch.tanh(self.mid(self.norm(flat)))
+        h = flat.reshape(length, batch, dim).transpose(0, 1) if self.time_major else flat.reshape(batch, length, dim)
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_flattened_token_calls_use_the_rules_only_when_rows_are_batch_major(time_major):
+    from hf_lwf.persample import _PLANS
+
+    torch.manual_seed(0)
+    toy = _Flattened(time_major)
+    params = trainable_parameters(toy)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
+    plan = _PLANS[toy]
+    assert plan.flat == {torch.nn.LayerNorm: not time_major, torch.nn.Linear: not time_major}
+    assert set(plan.exact) == (set() if not time_major else {"norm.weight", "norm.bias", "mid.weight", "mid.bias"})
+
+
+def test_opt_layers_on_flattened_tokens_take_the_rules(tokenizer):
+    from hf_lwf.persample import _PLANS
+
+    model = _tiny("opt", len(tokenizer))
+    _coverage(model, tokenizer)
+    assert not _PLANS[model].exact and _PLANS[model].flat == {torch.nn.LayerNorm: True, torch.nn.Linear: True}
