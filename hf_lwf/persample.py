@@ -151,7 +151,7 @@ class _Plan:
       autograd of that module alone) or ``"exact"`` (not even that works: the exact path below).
     * ``exact``: parameters no module-level path can cover (used outside a call of their module, as PEFT's
       ``ParameterDict`` adapters are; owned by a module that is not called on batch-first tensors, as fused MoE
-      experts and routers or OPT's layers on flattened tokens are; or never seen in the forward). They keep
+      experts and routers are; or never seen in the forward). They keep
       ``requires_grad`` during the pass and get their per-sample gradients from one plain ``torch.autograd.grad``
       per sample of that sample's loss (exact, at about one backward per sample).
     * ``flat``: per module class called on flattened tokens, whether its rows were found grouped by sample.
