@@ -93,7 +93,11 @@ def reference_confidence(
 
 
 def _per_sample_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    """One plain backward per row, each row alone and without its padding (the positions its mask leaves out)."""
+    singles = []
+    for i in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][i].bool()
+        singles.append({k: v[i][keep].unsqueeze(0) for k, v in batch.items()})
     return per_sample_gradients(model, singles, lambda m, b: batch_losses(m, b)[0])
 
 

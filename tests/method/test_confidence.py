@@ -35,13 +35,15 @@ def _fisher_and_delta(model, seed=0):
 
 
 def _per_sample_grads(model, batch):
-    """The obvious reference: one backward per row, on that row of the padded batch."""
-    params = dict(model.named_parameters())
+    """The obvious reference: one backward per row, on that row alone with its padding removed."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     out = []
     for i in range(batch["input_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]).logits
-        sequence_losses(logits, batch["labels"][i : i + 1])[0].backward()
+        keep = batch["attention_mask"][i].bool()
+        ids, labels = batch["input_ids"][i][keep].unsqueeze(0), batch["labels"][i][keep].unsqueeze(0)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        sequence_losses(logits, labels)[0].backward()
         out.append({n: p.grad.detach().double().clone() for n, p in params.items()})
     model.zero_grad(set_to_none=True)
     return out
@@ -212,3 +214,28 @@ def test_alignment_is_linear_in_the_direction(llama, tokenizer):
     torch.testing.assert_close(a_neg, -2 * a, rtol=1e-5, atol=1e-12)
     zero = alignment_scores(llama, batch, {n: torch.zeros_like(t) for n, t in w.items()})
     assert zero.tolist() == [0.0] * 4
+
+
+# ---------------------------------------------------------------- families whose per-sample rules once went wrong
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "mixtral", "opt", "ia3", "lora_embed_head"])
+@pytest.mark.parametrize("mode", ["deviation", "alignment"])
+def test_score_self_data_is_exact_on_every_family(tokenizer, family, mode):
+    """c(x) of padded, length-sorted scoring batches against the unpadded per-row loop (plain autograd)."""
+    from test_persample import _adapted, _tiny
+
+    model = _tiny(family, len(tokenizer)) if family in ("gemma", "gemma3", "mixtral", "opt") else _adapted(
+        family, len(tokenizer))
+    rows = _rows(tokenizer)
+    fisher, delta = _fisher_and_delta(model, seed=9)
+    mask = update_mask(fisher, delta, 0.5)
+    direction, curvature = weighted_direction(fisher, delta, mask), masked_fisher(fisher, mask)
+    lr = 0.1
+    scores = score_self_data(model, rows, tokenizer.pad_token_id, direction, curvature, lr, mode, batch_size=3,
+                             show_progress=False)
+    grads = _per_sample_grads(model, collate_self_data(rows, tokenizer.pad_token_id))
+    a = torch.stack([sum((g[n] * direction[n].double()).sum() for n in direction) for g in grads])
+    n = torch.stack([sum((curvature[k].double() * g[k] ** 2).sum() for k in curvature) for g in grads])
+    expected = lr * a + (0.5 * lr**2 * n if mode == "deviation" else 0.0)
+    _assert_close_scaled(scores, expected, rtol=1e-4)

@@ -249,3 +249,37 @@ def test_online_update_divides_out_the_fp16_loss_scale():
         online_fisher_update_(scaled, {n: t * 1024.0 for n, t in grads.items()}, 0.9, grad_scale=1024.0)
     for name in grads:
         torch.testing.assert_close(scaled[name], plain[name])
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "opt", "mixtral", "lora_embed_head", "ia3", "loha"])
+def test_empirical_fisher_is_exact_on_every_family(tokenizer, family):
+    """The batched empirical Fisher (padded batches, per-module rules or the exact path) against one plain
+    ``torch.autograd.grad`` per unpadded example, on the families and adapters whose rules once went wrong."""
+    from test_persample import _adapted, _tiny
+
+    model = _tiny(family, len(tokenizer)) if family in ("gemma", "gemma3", "opt", "mixtral") else _adapted(
+        family, len(tokenizer))
+    examples = _examples(tokenizer)
+    fisher, mean = empirical_fisher(model, examples, batch_size=4)
+    params = trainable_parameters(model)
+    sq = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for example in examples:
+        grads = torch.autograd.grad(model(**example).loss, list(params.values()), allow_unused=True)
+        for (n, p), g in zip(params.items(), grads):
+            if g is not None:
+                sq[n] += g.double() ** 2
+                total[n] += g.double()
+    assert set(fisher) == set(params)
+    # Parameters with a mathematically zero gradient (k_proj biases, a top-1 router) carry rounding noise only:
+    # an absolute floor a millionth of the largest entry over the model.
+    largest = max(float(v.max()) for v in sq.values()) / len(examples)
+    floor_f = 1e-6 * largest
+    floor_m = 1e-6 * max(float(v.abs().max()) for v in total.values()) / len(examples)
+    for n in params:
+        expected_f, expected_m = sq[n] / len(examples), total[n] / len(examples)
+        assert float((fisher[n].double() - expected_f).abs().max()) <= 1e-4 * float(expected_f.abs().max()) + floor_f, n
+        assert float((mean[n].double() - expected_m).abs().max()) <= 1e-4 * float(expected_m.abs().max()) + floor_m, n
+    # The exact-path parameters (adapters, experts, OPT's flattened layers) do carry gradient.
+    assert any(float(sq[n].max()) / len(examples) > 1e-3 * largest for n in params if any(
+        k in n for k in ("lora_embedding", "ia3_l", "hada_", "experts", "fc1", "embed_tokens", "layers.0.mlp")))

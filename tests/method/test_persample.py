@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FORGET_PROMPTS, LEARN_TEXTS, tiny_gpt2, tiny_llama
 
 from hf_lwf.method.confidence import batch_confidence, reference_confidence, score_self_data
@@ -207,6 +208,24 @@ class OffsetRMSNorm(torch.nn.Module):
         return (1.0 + self.weight) * h
 
 
+class _SquaredLinear(torch.nn.Linear):
+    """A Linear subclass whose forward is not ``x W^T + b``: its class fails the rule check and takes vmap."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.weight.abs(), self.bias)
+
+
+class _Gated(torch.nn.Module):
+    """Called as ``f(x, gate)`` with a per-sample second tensor: the fallback must split both arguments."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, dim))
+
+    def forward(self, x, gate):
+        return x * torch.sigmoid(gate * self.weight)
+
+
 class _Toy(torch.nn.Module):
     """A linear layer with bias called twice, an odd layer and a LayerNorm: every rule and the fallback."""
 
@@ -217,12 +236,15 @@ class _Toy(torch.nn.Module):
         self.odd = _Odd(dim)
         self.norm = torch.nn.LayerNorm(dim)
         self.rms = OffsetRMSNorm(dim)
+        self.squared = _SquaredLinear(dim, dim)
+        self.gated = _Gated(dim)
         self.head = torch.nn.Linear(dim, vocab, bias=False)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.embed(input_ids)
         h = torch.tanh(self.shared(h))
         h = self.shared(self.odd(h))
+        h = self.gated(self.squared(h), h.flip(1))
         return type("Out", (), {"logits": self.head(self.rms(self.norm(h)))})()
 
 
@@ -240,18 +262,22 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
     _assert_rel(a, a_ref, rtol=1e-4)
     _assert_rel(n, n_ref, rtol=1e-4)
-    from hf_lwf.method.persample import _RMS_RULE
+    from hf_lwf.method.persample import _PLANS
 
-    assert _RMS_RULE[OffsetRMSNorm] is False
+    verdict = _PLANS[toy].verdict
+    # (1 + w) * xhat has the RMSNorm rule's gradient: the check compares gradients, not outputs.
+    assert verdict[OffsetRMSNorm] == "rule"
+    assert verdict[_SquaredLinear] == verdict[_Odd] == verdict[_Gated] == "generic"
+    assert verdict[torch.nn.Linear] == verdict[torch.nn.LayerNorm] == verdict[torch.nn.Embedding] == "rule"
 
 
 def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
-    from hf_lwf.method.persample import _RMS_RULE
+    from hf_lwf.method.persample import _PLANS
 
-    _RMS_RULE.clear()
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
     batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
-    assert _RMS_RULE[type(llama.model.norm)] is True
+    assert _PLANS[llama].verdict[type(llama.model.norm)] == "rule"
+    assert not _PLANS[llama].exact
 
 
 def _examples(tokenizer, n=5):
@@ -303,3 +329,359 @@ def test_bias_corrected_scale_matches_bias_corrected():
     scale = 1 / (1 - 0.5**2)
     terms = ScoringTerms.from_state(fisher, delta={"w": torch.tensor([1.0, -1.0])}, scale=scale)
     assert terms.chunk("w")[1].tolist() == bias_corrected(fisher, 2, 0.5)["w"].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Coverage: every tiny model family and adapter against an independent per-sample loop on UNPADDED rows.
+
+def _tiny(family: str, vocab: int):
+    """A tiny random model of ``family`` built from its config (hidden 32, 2 layers, eval mode)."""
+    import transformers as tf
+
+    torch.manual_seed(11)
+    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **llama_like))
+    elif family == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                                                          layer_types=["sliding_attention", "full_attention"],
+                                                          **llama_like))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like))
+    elif family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=8, num_experts_per_tok=1, **llama_like))
+    elif family == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                               word_embed_proj_dim=32, max_position_embeddings=256, dropout=0.0,
+                                               **common))
+    elif family == "biogpt":
+        model = tf.BioGptForCausalLM(tf.BioGptConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=256,
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                     **common))
+    elif family == "gpt2":
+        model = tiny_gpt2(vocab, seed=11)
+    else:
+        model = tiny_llama(vocab, seed=11)
+    with torch.no_grad():  # no zero-initialised weight (LayerNorm biases, OPT/GPT-2 biases): every term is exercised
+        for p in model.parameters():
+            if float(p.abs().max()) == 0.0:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _adapted(kind: str, vocab: int):
+    """Tiny Llama with a PEFT adapter (initialised away from identity so that every adapter gradient is non-zero)."""
+    peft = pytest.importorskip("peft")
+    base = _tiny("llama", vocab)
+    if kind == "lora_embed_head":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                                 init_lora_weights=False)
+    elif kind == "dora":
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                 init_lora_weights=False)
+    elif kind == "ia3":
+        config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                init_ia3_weights=False)
+    else:
+        config = peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    torch.manual_seed(12)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _rows(tokenizer):
+    responses = [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70, 40, 40]]
+    return [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": r} for p, r in zip(FORGET_PROMPTS, responses)]
+
+
+def _independent(model, rows, pad_id, direction, curvature):
+    """a(x), n(x) from one plain ``torch.autograd.grad`` per row, each row on its own (no padding at all)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    a, n = [], []
+    for row in rows:
+        single = collate_self_data([row], pad_id)
+        assert bool(single["attention_mask"].all())
+        logits = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
+        loss = sequence_losses(logits, single["labels"])[0]
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = {k: (torch.zeros_like(p) if g is None else g).double() for (k, p), g in zip(params.items(), grads)}
+        a.append(sum((grads[k] * direction[k].double()).sum() for k in direction))
+        n.append(sum((grads[k].square() * curvature[k].double()).sum() for k in curvature))
+    return torch.stack(a), torch.stack(n)
+
+
+def _coverage(model, tokenizer, rtol=1e-4):
+    """Scores of the batched pass (padded, length-sorted batches) against the independent loop, for a and n."""
+    rows = _rows(tokenizer)
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(13)
+    direction = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    curvature = {k: torch.rand(p.shape, generator=g) for k, p in params.items()}
+    a_ref, n_ref = _independent(model, rows, tokenizer.pad_token_id, direction, curvature)
+    batch = collate_self_data(rows, tokenizer.pad_token_id)
+    assert not bool(batch["attention_mask"].all())  # the batched pass does see padding
+    a, n = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature))
+    _assert_rel(a, a_ref, rtol)
+    _assert_rel(n, n_ref, rtol)
+    a_only, _ = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature), norms=False)
+    _assert_rel(a_only, a_ref, rtol)
+    lr = 0.1
+    scores = score_self_data(model, rows, tokenizer.pad_token_id, direction, curvature, lr, "deviation", batch_size=3,
+                             show_progress=False)
+    _assert_rel(scores, lr * a_ref + 0.5 * lr**2 * n_ref, rtol)
+    assert all(p.grad is None for p in model.parameters())
+    return a_ref, n_ref
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3", "qwen2", "opt", "biogpt", "gpt2", "llama", "mixtral"])
+def test_every_model_family_is_exact(tokenizer, family):
+    model = _tiny(family, len(tokenizer))
+    _coverage(model, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["lora_embed_head", "ia3", "loha", "dora"])
+def test_every_adapter_is_exact(tokenizer, kind):
+    model = _adapted(kind, len(tokenizer))
+    names = set(trainable_parameters(model))
+    assert names and all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+    a_ref, n_ref = _coverage(model, tokenizer)
+    assert bool((n_ref > 0).all())
+
+
+def test_mixtral_expert_that_gets_no_token_is_exact(tokenizer):
+    """Fused expert weights, top-1 routing with expert 7 never chosen: its slice of the weights gets exactly zero."""
+    model = _tiny("mixtral", len(tokenizer))
+    routed = []
+
+    def never_expert_7(module, args, output):
+        logits, scores, indices = output
+        indices = torch.where(indices == 7, torch.zeros_like(indices), indices)
+        routed.append(indices)
+        return logits, scores, indices
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(never_expert_7)
+    a_ref, n_ref = _coverage(model, tokenizer)
+    assert all(int((i == 7).sum()) == 0 for i in routed)
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(model).items()}
+    consumer = FisherConsumer(trainable_parameters(model))
+    per_sample_pass(model, collate_self_data(_rows(tokenizer), 0), consumer,
+                    lambda m, b: sequence_losses(m(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits,
+                                                 b["labels"]), trainable_parameters(model))
+    experts = consumer.squares["model.layers.0.mlp.experts.gate_up_proj"]
+    assert float(experts[7].abs().max()) == 0.0 and float(experts[:7].abs().max()) > 0
+    del curvature, a_ref, n_ref
+
+
+def test_scoring_inside_an_enclosing_autocast(tokenizer):
+    """Tied embeddings (GPT-2) under ``torch.autocast``: the per-sample math stays fp32 and matches the loop."""
+    model = _tiny("gpt2", len(tokenizer))
+    rows = _rows(tokenizer)
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(14)
+    direction = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    curvature = {k: torch.rand(p.shape, generator=g) for k, p in params.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_ref, n_ref = _independent(model, rows, 0, direction, curvature)
+        a, n = batch_confidence(model, collate_self_data(rows, 0), ScoringTerms.explicit(direction, curvature))
+    _assert_rel(a, a_ref, rtol=5e-2)
+    _assert_rel(n, n_ref, rtol=5e-2)
+
+
+class _Unused(torch.nn.Module):
+    """A trainable module that the forward never calls."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+
+class _WithAdapterDict(torch.nn.Module):
+    """A ``ParameterDict`` used directly by its parent (as PEFT's embedding LoRA and IA3 do), an unused module."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.scales = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.linspace(0.5, 1.5, dim))})
+        self.unused = _Unused(dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return type("Out", (), {"logits": self.head(torch.tanh(self.embed(input_ids) * self.scales["a"]))})()
+
+
+def _toy_batch():
+    return {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+            "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
+
+
+def test_parameters_used_outside_a_module_call_take_the_exact_path():
+    from hf_lwf.method.persample import _PLANS
+
+    torch.manual_seed(0)
+    toy = _WithAdapterDict()
+    params = trainable_parameters(toy)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
+    exact = _PLANS[toy].exact
+    assert set(exact) == {"scales.a", "unused.weight"}
+    assert "outside a call of its module" in exact["scales.a"] and "no part" in exact["unused.weight"]
+    # The scales alone: their contribution is not zero (it was, silently, before).
+    only = {"scales.a": direction["scales.a"]}
+    a_scales, _ = batch_confidence(toy, batch, ScoringTerms.explicit(only, {}), norms=False)
+    zero = {"scales.a": torch.zeros_like(direction["scales.a"])}
+    _assert_rel(a_scales, reference_confidence(toy, batch, only, zero, 1.0, "alignment"), rtol=1e-5)
+    assert bool((a_scales != 0).all())
+
+
+def test_a_parameter_without_a_per_sample_contribution_is_an_error(monkeypatch):
+    import hf_lwf.method.persample as persample
+
+    torch.manual_seed(0)
+    toy = _WithAdapterDict()
+    params = trainable_parameters(toy)
+    monkeypatch.setattr(persample, "_exact_pass", lambda *args: None)  # a path that silently drops its parameters
+    curvature = {n: torch.ones_like(p) for n, p in params.items()}
+    with pytest.raises(RuntimeError, match=r"'scales\.a' \(owned by 'scales' \(ParameterDict\)\)"):
+        batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
+
+
+class _GatedToy(torch.nn.Module):
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.gated = _Gated(dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        return type("Out", (), {"logits": self.head(self.gated(h, h.flip(1) * 3.0))})()
+
+
+def test_the_module_fallback_splits_every_per_sample_argument():
+    """``f(x, other)`` with a per-sample ``other``: only the gate's parameter, against the per-sample loop."""
+    torch.manual_seed(0)
+    toy = _GatedToy()
+    only = {"gated.weight": torch.linspace(1.0, 2.0, 6)}
+    curvature = {"gated.weight": torch.ones(6)}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(only, curvature))
+    a_ref = reference_confidence(toy, batch, only, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, only, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
+
+
+class _HiddenLeaf(torch.nn.Module):
+    """A layer whose only input comes from a tensor made to require grad inside the forward: no parameter and no
+    recorded root lies below it, so a backward restricted to those would never reach its output."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.side = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        hidden = torch.ones_like(h, requires_grad=True) * 0.5
+        return type("Out", (), {"logits": self.head(h + self.side(hidden))})()
+
+
+def test_an_output_the_backward_does_not_reach_is_an_error_not_a_zero():
+    torch.manual_seed(0)
+    toy = _HiddenLeaf()
+    curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(toy).items()}
+    with pytest.raises(RuntimeError, match=r"'side' \(Linear\) is on the loss's graph"):
+        batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
+
+
+def test_lm_head_blocks_slice_the_output_gradient_before_casting(tokenizer):
+    """bf16 weights, lm_head in row blocks: no fp32 copy of the whole [batch, tokens, vocab] gradient is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestUpcast(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    model = tiny_llama(len(tokenizer), seed=3).to(torch.bfloat16).eval()
+    batch = _batch(tokenizer)
+    curvature = {n: torch.ones_like(p, dtype=torch.float32) for n, p in trainable_parameters(model).items()}
+    terms = ScoringTerms.explicit({}, curvature)
+    batch_confidence(model, batch, terms, chunk_elements=4096)  # the first pass checks the classes
+    size, length = batch["input_ids"].shape
+    with LargestUpcast() as watch:
+        _, n = batch_confidence(model, batch, terms, chunk_elements=4096)
+    assert bool(torch.isfinite(n).all()) and bool((n > 0).all())
+    # The loss upcasts the shifted logits ([batch, tokens - 1, vocab]); nothing larger is cast.
+    assert watch.largest <= size * (length - 1) * model.config.vocab_size
+
+
+class _Flattened(torch.nn.Module):
+    """Linear layers on flattened tokens: batch-major rows (as OPT) and, with ``time_major``, rows grouped by position."""
+
+    def __init__(self, time_major: bool, vocab=11, dim=6):
+        super().__init__()
+        self.time_major = time_major
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.mid = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        batch, length, dim = h.shape
+        flat = h.transpose(0, 1).reshape(-1, dim) if self.time_major else h.reshape(-1, dim)
+        flat = torch.tanh(self.mid(self.norm(flat)))
+        h = flat.reshape(length, batch, dim).transpose(0, 1) if self.time_major else flat.reshape(batch, length, dim)
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_flattened_token_calls_use_the_rules_only_when_rows_are_batch_major(time_major):
+    from hf_lwf.method.persample import _PLANS
+
+    torch.manual_seed(0)
+    toy = _Flattened(time_major)
+    params = trainable_parameters(toy)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    batch = _toy_batch()
+    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=1e-5)
+    _assert_rel(n, n_ref, rtol=1e-5)
+    plan = _PLANS[toy]
+    assert plan.flat == {torch.nn.LayerNorm: not time_major, torch.nn.Linear: not time_major}
+    assert set(plan.exact) == (set() if not time_major else {"norm.weight", "norm.bias", "mid.weight", "mid.bias"})
+
+
+def test_opt_layers_on_flattened_tokens_take_the_rules(tokenizer):
+    from hf_lwf.method.persample import _PLANS
+
+    model = _tiny("opt", len(tokenizer))
+    _coverage(model, tokenizer)
+    assert not _PLANS[model].exact and _PLANS[model].flat == {torch.nn.LayerNorm: True, torch.nn.Linear: True}
