@@ -246,7 +246,7 @@ class PartitionFisherConsumer(Consumer):
         self.squares = {n: torch.zeros(partition_range(p)[1], dtype=torch.float32, device=p.ds_tensor.device)
                         for n, p in params.items()}
 
-    def dense(self, name: str, rows: slice | None, grads: torch.Tensor) -> None:
+    def dense(self, name: str, rows: slice | None, grads: torch.Tensor, sample: int | None = None) -> None:
         p = self.params[name]
         start, count = partition_range(p)
         row = math.prod(p.ds_shape[1:]) if len(p.ds_shape) > 1 else 1

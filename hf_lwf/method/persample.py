@@ -249,7 +249,8 @@ class _Capture:
         self.consumer, self.chunk_elements, self.batch_size = consumer, chunk_elements, batch_size
         self.params, self.plan, self.watch = params, plan, watch
         self.own = {n: local_rows(p) for n, p in params.items()}  # this rank's rows of each sharded parameter
-        self.sharded = any(own is not None for own in self.own.values())
+        # FSDP2 shards, or DeepSpeed ZeRO-3 partitions: a module cannot be re-run alone, the rules are trusted
+        self.sharded = any(own is not None for own in self.own.values()) or any(_zero3(p) for p in params.values())
         self.name_of = {id(p): n for n, p in params.items()}
         self.owners: dict[str, list[torch.nn.Module]] = {n: [] for n in params}
         self.module_names: dict[torch.nn.Module, str] = {}
@@ -815,7 +816,9 @@ def per_sample_pass(
 def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_elements: int,
           loss_scale: float = 1.0) -> torch.Tensor:
     batch_size = batch["input_ids"].shape[0]
-    watch = not set(wanted) <= plan.seen
+    # Under ZeRO-3 DeepSpeed's own hooks gather and release every parameter around its module's call, so the
+    # first-pass watch cannot tell a direct use from theirs: the rules are trusted there, as under FSDP.
+    watch = not set(wanted) <= plan.seen and not any(_zero3(p) for p in wanted.values())
     exact = [n for n in wanted if n in plan.exact]
     capture = _Capture(model, wanted, consumer, batch_size, chunk_elements, plan, watch)
     if exact and capture.sharded:
@@ -872,6 +875,11 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
                 + ". This is a bug in hf_lwf's per-sample pass; please report it with the model's class.")
     return losses.detach()
+
+
+def _zero3(param: torch.Tensor) -> bool:
+    """Whether ``param`` is partitioned by DeepSpeed ZeRO-3 (it carries DeepSpeed's ``ds_id``)."""
+    return hasattr(param, "ds_id")
 
 
 def _exact_pass(capture: _Capture, losses: torch.Tensor, names: list[str], batch: int, loss_scale: float = 1.0) -> None:
