@@ -45,7 +45,7 @@ def test_unlearning_fires_exactly_at_multiples(tokenizer, tmp_path, monkeypatch)
 
 def test_callback_on_plain_trainer_equals_lwf_trainer(tokenizer, tmp_path):
     config = LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_every=2, lwf_max_new_tokens=8,
-                       lwf_unlearn_steps=2, lwf_forget_loss_cap=50.0, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+                       lwf_unlearn_steps=2, lwf_forget_loss_cap=50.0)
     plain_args = TrainingArguments(str(tmp_path / "plain"), max_steps=6, per_device_train_batch_size=4,
                                    learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
                                    use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
@@ -106,7 +106,7 @@ def test_gradient_accumulation_matches_full_batch(tokenizer, tmp_path):
 
 
 def test_ascent_raises_forget_loss_while_learning_loss_falls(tokenizer, tmp_path):
-    args = lwf_args(tmp_path, max_steps=12, lwf_unlearn_every=3, lwf_unlearn_steps=3, lwf_unlearn_lr=0.2,
+    args = lwf_args(tmp_path, max_steps=12, lwf_unlearn_every=3, lwf_unlearn_steps=3,
                     lwf_forget_ratio=0.5, learning_rate=3e-3)
     trainer = _trainer(tokenizer, args)
     trainer.train()

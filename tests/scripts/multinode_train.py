@@ -30,8 +30,7 @@ def main(base: str, phase: str) -> None:
     tokenizer = build_tokenizer()
     args = lwf_args(output_dir, max_steps=6, per_device_train_batch_size=2, lwf_unlearn_every=3,
                     lwf_unlearn_batch_size=2, lwf_forget_ratio=0.5, ddp_find_unused_parameters=False,
-                    save_strategy="steps", save_steps=2,
-                    lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None)
+                    save_strategy="steps", save_steps=2)
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
                          processing_class=tokenizer, data_collator=lm_collator(tokenizer),
                          callbacks=[Crash()] if phase == "crash" else None)
