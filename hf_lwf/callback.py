@@ -447,7 +447,7 @@ class LWFCallback(TrainerCallback):
             lwf.empty_selections += 1
             lwf.idle_points += 1
             logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
-            self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
+            self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/ascent_steps": 0.0, "lwf/unlearn_seconds": 0.0})
             return
         rates = self._ascent_rates(args, optimizer)
         step_optimizer = self._unlearning_optimizer(args, model, optimizer, rates)
@@ -479,6 +479,7 @@ class LWFCallback(TrainerCallback):
         self._metrics.update({
             "lwf/forget_loss": sum(finite) / len(finite) if finite else float("nan"),
             "lwf/capped_samples": float(dropped),
+            "lwf/ascent_steps": float(applied),
             "lwf/unlearn_seconds": time.perf_counter() - start,
         })
 
@@ -535,6 +536,7 @@ class LWFCallback(TrainerCallback):
         logger.info(
             f"LWF unlearning point {lwf.unlearn_points} at step {step}: |D_U|={len(lwf.forget_indices)} "
             f"forget_loss={self._metrics.get('lwf/forget_loss', float('nan')):.4f} "
+            f"ascent_steps={int(self._metrics.get('lwf/ascent_steps', 0))} (total {lwf.unlearn_steps}) "
             f"skipped={lwf.skipped_steps}"
         )
 
