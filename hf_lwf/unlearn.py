@@ -133,7 +133,8 @@ class PreconditionedAscent:
 
     @torch.no_grad()
     def step(self) -> float:
-        """Apply the step to every parameter with a gradient; returns the norm of the weight change."""
+        """Apply the step to every parameter with a gradient; returns the norm of the change the weights took
+        (0 when every update rounded away, so the step is not counted as applied)."""
         total, self.clamped = None, None
         for params, lr, beta2, eps, kind, amsgrad in self.groups:
             for p in params:
@@ -155,9 +156,12 @@ class PreconditionedAscent:
                     # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
                     denom = torch.maximum(root, magnitude).add_(eps)
                     update = grad.float().div(denom).mul_(lr * self.coef)
-                # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it
-                p.sub_(update.to(p.dtype))
-                norm = local_view(update).float().pow(2).sum()
+                # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it.
+                # The norm is that of the change the weights actually took (in bf16 a tiny step can round away).
+                moved = p.detach().sub(update.to(p.dtype))
+                change = local_view(moved).float() - local_view(p.detach()).float()
+                p.copy_(moved)
+                norm = change.pow(2).sum()
                 total = norm if total is None else total + norm
         if total is None:
             return 0.0

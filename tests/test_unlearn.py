@@ -494,3 +494,15 @@ def test_preconditioned_ascent_refuses_optimizers_without_a_known_preconditioner
     with pytest.raises(ValueError, match="lwf_unlearn_optimizer='sgd'.*Adagrad|Adagrad.*lwf_unlearn_optimizer='sgd'"):
         check_preconditioner(torch.optim.Adagrad([param]))
     assert check_preconditioner(torch.optim.AdamW([param])) is not None
+
+
+def test_preconditioned_step_that_rounds_away_in_bf16_is_not_counted(tokenizer):
+    """A step far below bf16's resolution leaves the weights bitwise equal: it must not count as applied."""
+    model = tiny_llama(len(tokenizer), seed=2).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = _weights(model)
+    result = ascent_step(model, _batch(tokenizer), PreconditionedAscent(optimizer, list(model.parameters()), coef=1.0,
+                                                                        lrs=[1e-12]),
+                         coef=1.0, loss_cap=100.0, max_grad_norm=0.0)
+    assert result["applied"] == int(any(not torch.equal(p, start[n]) for n, p in model.named_parameters()))
+    assert result["applied"] == 0
