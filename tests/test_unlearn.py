@@ -506,3 +506,17 @@ def test_preconditioned_step_that_rounds_away_in_bf16_is_not_counted(tokenizer):
                          coef=1.0, loss_cap=100.0, max_grad_norm=0.0)
     assert result["applied"] == int(any(not torch.equal(p, start[n]) for n, p in model.named_parameters()))
     assert result["applied"] == 0
+
+
+def test_preconditioned_ascent_divides_the_fp16_loss_scale_out(tokenizer):
+    """The GradScaler handling is the same for the preconditioned step: scaled and unscaled runs take one step."""
+    batch = _batch(tokenizer)
+    moved = []
+    for scale in (1.0, 1024.0):
+        model = tiny_llama(len(tokenizer), seed=2)
+        optimizer = _learned_adamw(model, _learning_batch(tokenizer))
+        update = PreconditionedAscent(optimizer, list(model.parameters()), coef=1.0, lrs=[1e-3, 1e-3])
+        assert ascent_step(model, batch, update, coef=1.0, loss_cap=100.0, max_grad_norm=1.0,
+                           loss_scale=scale)["applied"] == 1
+        moved.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(moved[1], moved[0], rtol=1e-5, atol=1e-7)
