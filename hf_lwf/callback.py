@@ -9,6 +9,7 @@ starts (:mod:`.selfgen`), the Fisher is accumulated at every optimizer step (:mo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -21,15 +22,22 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from . import deepspeed_support
+from .config import (
+    FIXED_ON_RESUME_FIELDS,
+    GENERATION_FIELDS,
+    SCORING_FIELDS,
+    SELECTION_FIELDS,
+    LWFConfig,
+    config_from_args,
+)
 from .method import fisher as fisher_lib
-from .config import GENERATION_FIELDS, LWFConfig, config_from_args
 from .method.confidence import score_self_data
 from .data import load_forget_prompts
 from .distributed import input_device, is_sharded, local_rows
 from .modelcard import install_card_section, lwf_card_section
 from .method.selfgen import check_can_generate, collate_self_data, context_length, encode_prompts, generate_self_data
-from .state import SELF_DATA_DIR, STATE_JSON, LWFState, write_config
-from .method.unlearn import ForgetSampler, ascent_step, select_forget_set
+from .method.unlearn import ForgetSampler, PreconditionedAscent, ascent_step, check_preconditioner, select_forget_set
+from .state import CONFIG_NAME, SELF_DATA_DIR, STATE_JSON, LWFState, write_config
 
 
 logger = logging.get_logger(__name__)
@@ -47,10 +55,14 @@ class LWFCallback(TrainerCallback):
     Args:
         config: the LWF settings. Leave it out when the Trainer's ``args`` is an
             :class:`~hf_lwf.LWFTrainingArguments`: the ``lwf_*`` fields are read from there.
+        resume_from: the checkpoint folder to take the LWF state from when the Trainer resumes. Rarely needed: the
+            callback finds the folder ``trainer.train(resume_from_checkpoint=...)`` resumed from, and refuses to
+            start when it cannot (rather than restart LWF).
         **kwargs: ``lwf_*`` fields, as a shortcut for ``LWFCallback(LWFConfig(**kwargs))``.
     """
 
-    def __init__(self, config: LWFConfig | None = None, **kwargs: Any):
+    def __init__(self, config: LWFConfig | None = None, *, resume_from: str | os.PathLike | None = None,
+                 **kwargs: Any):
         if config is not None and kwargs:
             raise ValueError("Pass either an LWFConfig or lwf_* keyword arguments to LWFCallback, not both.")
         if kwargs:
@@ -61,7 +73,8 @@ class LWFCallback(TrainerCallback):
         self.prompts = self._load_prompts() if self.config is not None else None
         self.lwf_state = LWFState()
         self.self_data: Dataset | None = None
-        self.resume_dir: str | None = None
+        self.resume_from = resume_from  # an explicit checkpoint folder to resume LWF from (see _resume_directory)
+        self.resume_dir: str | None = None  # set by LWFTrainer.train to the checkpoint it resumes from
         self.via_trainer = False  # registered by LWFTrainerMixin: it writes the card and is needed under FSDP
         self._metrics: dict[str, float] = {}
         self._sampler: ForgetSampler | None = None
@@ -70,6 +83,7 @@ class LWFCallback(TrainerCallback):
         self._checked = False
         self._saved_step: int | None = None
         self._step_lr: float | None = None
+        self._step_lrs: list[float] | None = None  # every param group's rate of the step just taken
         self._fisher_step: int | None = None
         self._clip_coefficient: torch.Tensor | None = None  # fp16 under LWFTrainer: F is updated after the step
         self.is_adapter = False
@@ -169,6 +183,9 @@ class LWFCallback(TrainerCallback):
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._sgd, self._saved_step, self._step_lr, self._fisher_step = {}, None, None, None, None
         self._clip_coefficient = None
+        self._step_lrs = None
+        if config.lwf_unlearn_optimizer == "preconditioned" and optimizer is not None:
+            check_preconditioner(optimizer)  # an optimizer without a known preconditioner is refused before training
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
                            generation_hash=config.lwf_hash(GENERATION_FIELDS))
         if not self._restore(args, state, current, model):
@@ -186,9 +203,18 @@ class LWFCallback(TrainerCallback):
         """Load the LWF state of the checkpoint being resumed; ``False`` when this is a fresh start."""
         if state.global_step == 0:
             return False
-        directory = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        directory = self._resume_directory(args, state)
         if not os.path.isfile(os.path.join(directory, STATE_JSON)):
-            logger.warning(f"Resuming from {directory}, which has no LWF state: LWF starts afresh at this step.")
+            if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+                raise FileNotFoundError(
+                    f"Resuming from {directory}: it was saved by an LWF run but has no {STATE_JSON}, so LWF cannot "
+                    "continue. Copy the whole checkpoint folder (lwf_state.json, lwf_state.safetensors, "
+                    f"{SELF_DATA_DIR}), or resume from another checkpoint."
+                )
+            logger.warning(
+                f"Resuming from {directory}, a checkpoint of a run without LWF (no {STATE_JSON}, no {CONFIG_NAME}): "
+                f"LWF starts at step {state.global_step} with the model as it is now."
+            )
             return False
         params = fisher_lib.trainable_parameters(model)
         if self.deepspeed_stage == 3:  # the rows that cover this rank's slice, then the slice
@@ -198,13 +224,7 @@ class LWFCallback(TrainerCallback):
                     group[name] = deepspeed_support.rows_to_partition(group[name], params[name])
         else:
             saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows
-        if saved.config_hash != current.config_hash:
-            changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
-            logger.warning(
-                f"The LWF config changed since {directory} was saved ({', '.join(changed)}); resuming with the "
-                "new values. D_self is regenerated only if a generation setting changed."
-            )
-            saved.config, saved.config_hash = current.config, current.config_hash
+        reselect, rescore = self._changed_config(saved, current, directory)
         self.lwf_state = saved
         if saved.generation_hash == current.generation_hash and saved.self_data_path:
             # The checkpoint's own copy first: it resumes on a node that has only the checkpoint folder.
@@ -220,8 +240,75 @@ class LWFCallback(TrainerCallback):
             logger.warning("Generation settings changed: D_self is regenerated from the current model.")
             saved.generation_hash = current.generation_hash
             saved.scores, saved.forget_indices, saved.sampler = [], [], {}
+        if rescore and saved.scores:
+            saved.scores, saved.forget_indices, saved.sampler = [], [], {}  # the next point scores again
+        elif reselect and saved.scores:
+            before = len(saved.forget_indices)
+            scores = torch.tensor(saved.scores, dtype=torch.float64)
+            scores[scores <= -1e29] = float("nan")  # the state's marker of a non-finite score
+            seed = saved.selection_seed if saved.selection_seed >= 0 else self.config.lwf_seed + 1
+            self._select(scores, seed)
+            logger.warning(f"LWF: D_U re-selected from the stored scores with the new settings: {before} -> "
+                           f"{len(saved.forget_indices)} samples.")
+            return True
         self._sampler = ForgetSampler(**saved.sampler) if saved.sampler else None
         return True
+
+    def _resume_directory(self, args, state) -> str:
+        """The checkpoint folder the Trainer resumed from.
+
+        In order: ``LWFCallback(resume_from=...)``, the path ``LWFTrainer.train`` recorded, the path the running
+        ``Trainer`` resumed from (read from its training loop, since a callback is not given it), and
+        ``output_dir/checkpoint-<step>`` only when that folder holds the LWF state of this very step."""
+        for directory in (self.resume_from, self.resume_dir, _trainer_resume_path()):
+            if directory:
+                return str(directory)
+        fallback = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isfile(os.path.join(fallback, STATE_JSON)):
+            return fallback
+        raise ValueError(
+            f"LWF cannot tell which checkpoint this run resumed from (global step {state.global_step}), and "
+            f"{fallback} has no LWF state: continuing would restart LWF. Pass the folder explicitly, "
+            "LWFCallback(..., resume_from='<checkpoint folder>'), or train with hf_lwf.LWFTrainer."
+        )
+
+    def _changed_config(self, saved: LWFState, current: LWFState, directory: str) -> tuple[list[str], list[str]]:
+        """Compare the saved and the current ``lwf_*`` values; return (selection, scoring) fields that changed.
+
+        Fisher-state fields are refused; for the early schedule, whose unlearning is over, every field that would
+        have shaped it is refused. The caller re-selects or rescores; the other fields apply from the next point.
+        """
+        if saved.config_hash == current.config_hash:
+            return [], []
+        changed = sorted(k for k in current.config if saved.config.get(k) != current.config[k])
+        fixed = [k for k in changed if k in FIXED_ON_RESUME_FIELDS]
+        if self.config.lwf_schedule == "early" and saved.unlearn_points:
+            fixed = [k for k in changed if k not in GENERATION_FIELDS and k not in _RUNTIME_FIELDS]
+        if fixed:
+            values = ", ".join(f"{k}: {saved.config.get(k)!r} -> {current.config[k]!r}" for k in fixed)
+            raise ValueError(
+                f"Resuming from {directory} with changed LWF settings that cannot apply to this run ({values}): the "
+                "saved Fisher (or, for the early schedule, the unlearning already done) depends on them. Resume with "
+                "the saved values (lwf_config.json in the checkpoint) or start a new run."
+            )
+        reselect = [k for k in changed if k in SELECTION_FIELDS]
+        rescore = [k for k in changed if k in SCORING_FIELDS]
+        rest = [k for k in changed if k not in SELECTION_FIELDS + SCORING_FIELDS + GENERATION_FIELDS]
+        what = []
+        if rescore and saved.scores:
+            what.append(f"{', '.join(rescore + reselect)}: D_self is scored and D_U selected again at the next "
+                        "unlearning point")
+        elif reselect and saved.scores:
+            what.append(f"{', '.join(reselect)}: D_U is re-selected now from the stored scores")
+        elif rescore or reselect:
+            what.append(f"{', '.join(rescore + reselect)}: nothing was scored yet; they apply at the first point")
+        if rest:
+            what.append(f"{', '.join(rest)}: applied from the next unlearning point")
+        if any(k in GENERATION_FIELDS for k in changed):
+            what.append("generation settings: D_self is regenerated")
+        logger.warning(f"The LWF config changed since {directory} was saved. " + "; ".join(what) + ".")
+        saved.config, saved.config_hash = current.config, current.config_hash
+        return reselect, rescore
 
     def _build_self_data(self, args, model, tokenizer) -> None:
         config = self.config
@@ -300,7 +387,8 @@ class LWFCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # eta of c(x): the rate of the step just taken (the scheduler steps only after this event).
         raw = getattr(optimizer, "optimizer", optimizer)
-        self._step_lr = raw.param_groups[0]["lr"] if raw is not None else args.learning_rate
+        self._step_lrs = [group["lr"] for group in raw.param_groups] if raw is not None else None
+        self._step_lr = self._step_lrs[0] if self._step_lrs else args.learning_rate
         if getattr(optimizer, "step_was_skipped", False):
             self._fisher_step = state.global_step
             return
@@ -381,18 +469,9 @@ class LWFCallback(TrainerCallback):
         finite = torch.isfinite(scores)
         if not finite.all():
             logger.warning(f"LWF: {int((~finite).sum())} samples got a non-finite confidence; they are never selected.")
-        tasks = self.self_data["task"]
         # JSON has no NaN: the state records non-finite scores as -1e30 (selection used the real values).
         lwf.scores = torch.where(finite, scores, torch.full_like(scores, -1e30)).tolist()
-        lwf.forget_indices = select_forget_set(
-            scores, tasks, config.forget_amount, threshold=config.lwf_confidence_threshold,
-            selection=config.lwf_selection, per_task=config.lwf_per_task_selection, seed=seed,
-        )
-        lwf.forget_sizes = {task: 0 for task in lwf.self_data_sizes}
-        for index in lwf.forget_indices:
-            lwf.forget_sizes[tasks[index]] = lwf.forget_sizes.get(tasks[index], 0) + 1
-        self._sampler = ForgetSampler(len(lwf.forget_indices), seed=seed)
-        lwf.sampler = self._sampler.state_dict()
+        self._select(scores, seed)
         valid = scores[finite] if finite.any() else torch.zeros(1)
         self._metrics.update({
             "lwf/num_selected": float(len(lwf.forget_indices)),
@@ -402,6 +481,21 @@ class LWFCallback(TrainerCallback):
             "lwf/score_seconds": time.perf_counter() - start,
         })
 
+    def _select(self, scores: torch.Tensor, seed: int) -> None:
+        """D_U from ``scores`` under the current selection settings, with a fresh sampler over it."""
+        config, lwf = self.config, self.lwf_state
+        tasks = self.self_data["task"]
+        lwf.forget_indices = select_forget_set(
+            scores, tasks, config.forget_amount, threshold=config.lwf_confidence_threshold,
+            selection=config.lwf_selection, per_task=config.lwf_per_task_selection, seed=seed,
+        )
+        lwf.selection_seed = seed
+        lwf.forget_sizes = {task: 0 for task in lwf.self_data_sizes}
+        for index in lwf.forget_indices:
+            lwf.forget_sizes[tasks[index]] = lwf.forget_sizes.get(tasks[index], 0) + 1
+        self._sampler = ForgetSampler(len(lwf.forget_indices), seed=seed)
+        lwf.sampler = self._sampler.state_dict()
+
     def _unlearn(self, args, model, optimizer, steps: int) -> None:
         lwf = self.lwf_state
         start = time.perf_counter()
@@ -409,9 +503,11 @@ class LWFCallback(TrainerCallback):
             lwf.empty_selections += 1
             lwf.idle_points += 1
             logger.warning("LWF: D_U is empty after selection (no confidence above the threshold); nothing unlearned.")
-            self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/unlearn_seconds": 0.0})
+            self._metrics.update({"lwf/forget_loss": float("nan"), "lwf/ascent_steps": 0.0, "lwf/unlearn_seconds": 0.0})
             return
-        step_optimizer = self._unlearning_optimizer(args, model, optimizer) if self.deepspeed_stage is None else None
+        rates = self._ascent_rates(args, optimizer)
+        step_optimizer = (self._unlearning_optimizer(args, model, optimizer, rates)
+                          if self.deepspeed_stage is None else None)
         device = input_device(model)
         loss_scale = _loss_scale(optimizer)
         losses, dropped, applied = [], 0, 0
@@ -419,17 +515,19 @@ class LWFCallback(TrainerCallback):
             positions = self._sampler.next_batch(self.config.lwf_unlearn_batch_size)
             rows = [self.self_data[lwf.forget_indices[p]] for p in positions]
             batch = {k: v.to(device) for k, v in collate_self_data(rows, self._pad_id).items()}
-            if self.deepspeed_stage is not None:
+            if self.deepspeed_stage is not None:  # sgd only (checked at construction), through the engine's buffers
                 result = deepspeed_support.ascent_step(
                     model, fisher_lib.trainable_parameters(model), batch, lr=self.config.lwf_unlearn_lr,
                     coef=self.config.lwf_unlearn_coef, loss_cap=self.config.lwf_forget_loss_cap,
                     max_grad_norm=args.max_grad_norm,
                 )
             else:
-                result = ascent_step(
-                    model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
-                    loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm, loss_scale=loss_scale,
-                )
+                with _learning_rates(step_optimizer, rates if self.config.lwf_unlearn_optimizer == "shared" else None):
+                    result = ascent_step(
+                        model, batch, step_optimizer, coef=self.config.lwf_unlearn_coef,
+                        loss_cap=self.config.lwf_forget_loss_cap, max_grad_norm=args.max_grad_norm,
+                        loss_scale=loss_scale,
+                    )
             losses.append(result["forget_loss"])
             dropped += len(rows) - result["kept"]
             lwf.skipped_steps += result["skipped"]
@@ -446,16 +544,34 @@ class LWFCallback(TrainerCallback):
         self._metrics.update({
             "lwf/forget_loss": sum(finite) / len(finite) if finite else float("nan"),
             "lwf/capped_samples": float(dropped),
+            "lwf/ascent_steps": float(applied),
             "lwf/unlearn_seconds": time.perf_counter() - start,
         })
 
-    def _unlearning_optimizer(self, args, model, optimizer) -> torch.optim.Optimizer:
-        if self.config.lwf_unlearn_optimizer == "sgd":
+    def _ascent_rates(self, args, optimizer) -> list[float]:
+        """eta of the ascent, per param group of the learning optimizer: the rate of the step just taken.
+
+        Never the scheduler's next value (0 at the end of a decaying schedule). Before any step (the ``early``
+        schedule) and where the step just taken had rate 0 (the first step of a warm-up from 0), the configured peak
+        ``learning_rate``: a counted ascent step always moves the weights."""
+        raw = getattr(optimizer, "optimizer", optimizer)
+        groups = len(raw.param_groups) if raw is not None else 1
+        rates = self._step_lrs if self._step_lrs is not None else [args.learning_rate] * groups
+        return [float(lr) if lr > 0 else float(args.learning_rate) for lr in rates]
+
+    def _unlearning_optimizer(self, args, model, optimizer, rates: list[float]):
+        """What takes the ascent step (see ``lwf_unlearn_optimizer``)."""
+        choice = self.config.lwf_unlearn_optimizer
+        if choice == "sgd":
             if self._sgd is None:
                 params = list(fisher_lib.trainable_parameters(model).values())
                 self._sgd = torch.optim.SGD(params, lr=self.config.lwf_unlearn_lr)
             return self._sgd
-        # The raw torch optimizer: accelerate's wrapper would unscale our (unscaled) gradients under fp16.
+        if choice == "preconditioned":
+            params = list(fisher_lib.trainable_parameters(model).values())
+            return PreconditionedAscent(optimizer, params, coef=self.config.lwf_unlearn_coef, lrs=rates)
+        # 'shared': the raw torch optimizer (accelerate's wrapper would unscale our unscaled gradients under fp16),
+        # stepped at `rates` (see _learning_rates); it writes the ascent gradient into AdamW's moments and step count.
         return getattr(optimizer, "optimizer", optimizer)
 
     def _learning_examples(self, train_dataloader, model, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -485,6 +601,7 @@ class LWFCallback(TrainerCallback):
         logger.info(
             f"LWF unlearning point {lwf.unlearn_points} at step {step}: |D_U|={len(lwf.forget_indices)} "
             f"forget_loss={self._metrics.get('lwf/forget_loss', float('nan')):.4f} "
+            f"ascent_steps={int(self._metrics.get('lwf/ascent_steps', 0))} (total {lwf.unlearn_steps}) "
             f"skipped={lwf.skipped_steps}"
         )
 
@@ -576,6 +693,27 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
+# Fields that change only how fast or where the work runs, never its result.
+_RUNTIME_FIELDS = ("lwf_generation_batch_size", "lwf_score_batch_size", "lwf_score_chunk_size", "lwf_state_device")
+
+
+def _trainer_resume_path() -> str | None:
+    """The checkpoint the running ``Trainer`` resumed from, read from its training loop's arguments.
+
+    A callback is not given the path; ``Trainer._inner_training_loop`` (which calls ``on_train_begin``) holds it
+    as its ``resume_from_checkpoint`` argument, already resolved from ``True``. ``None`` when it is not found."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop" and "resume_from_checkpoint" in frame.f_code.co_varnames:
+                path = frame.f_locals.get("resume_from_checkpoint")
+                return path if isinstance(path, (str, os.PathLike)) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 def _sharded_engine(args) -> str | None:
     """The sharded training engine ``args`` (or the accelerate launcher) selects, if any."""
     if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
@@ -605,6 +743,22 @@ def _fsdp_offloads(args, model=None) -> bool:
         return False
     return any(is_sharded(p) and p.to_local().device.type == "cpu" and p.device_mesh.device_type != "cpu"
                for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _learning_rates(optimizer, rates: list[float] | None):
+    """Set the param groups' ``lr`` to ``rates`` for the ``shared`` ascent step, then put the scheduler's back."""
+    if rates is None:
+        yield
+        return
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
 
 
 def _loss_scale(optimizer) -> float:

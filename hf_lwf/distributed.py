@@ -1,6 +1,7 @@
 """The few collectives LWF needs, and the views of FSDP2-sharded tensors.
 
-Every rank calls the collectives; each is one flattened operation. Under FSDP2 (``fully_shard``) the trainable
+Every rank calls the collectives; each is one flattened operation, except the in-place per-gradient
+all-reduce of the ascent step (:func:`all_reduce_grads_`). Under FSDP2 (``fully_shard``) the trainable
 parameters, their gradients and LWF's own per-parameter state (F, theta_ref) are ``DTensor``s sharded on their first
 dimension: each rank holds a contiguous block of rows. LWF works on that block (:func:`local_view`) with the rows
 numbered as in the full parameter (:func:`local_rows`), so one code path serves sharded and plain tensors.
@@ -42,6 +43,17 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_reduce_grads_(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` (gradients) in place across ranks, one all-reduce per tensor, all in flight at once.
+
+    No flat copy: the only extra memory is what the backend needs per tensor (a no-op in a single process)."""
+    if not is_distributed() or not tensors:
+        return
+    handles = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in tensors]
+    for handle in handles:
+        handle.wait()
 
 
 def shard_indices(num_items: int) -> list[int]:

@@ -45,6 +45,7 @@ class LWFState:
     scores: list[float] = field(default_factory=list)
     forget_indices: list[int] = field(default_factory=list)
     forget_sizes: dict[str, int] = field(default_factory=dict)
+    selection_seed: int = -1  # the seed D_U was selected with (-1: unknown, a state saved before hf_lwf recorded it)
     sampler: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -140,7 +140,7 @@ def lwf_args(output_dir, **overrides):
         max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
         lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_every=2, lwf_max_new_tokens=8, lwf_unlearn_steps=2,
-        lwf_forget_loss_cap=50.0, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05,
+        lwf_forget_loss_cap=50.0,
     )
     values.update(overrides)
     return LWFTrainingArguments(str(output_dir), **values)

@@ -45,7 +45,7 @@ def test_unlearning_fires_exactly_at_multiples(tokenizer, tmp_path, monkeypatch)
 
 def test_callback_on_plain_trainer_equals_lwf_trainer(tokenizer, tmp_path):
     config = LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_every=2, lwf_max_new_tokens=8,
-                       lwf_unlearn_steps=2, lwf_forget_loss_cap=50.0, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+                       lwf_unlearn_steps=2, lwf_forget_loss_cap=50.0)
     plain_args = TrainingArguments(str(tmp_path / "plain"), max_steps=6, per_device_train_batch_size=4,
                                    learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
                                    use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
@@ -106,7 +106,7 @@ def test_gradient_accumulation_matches_full_batch(tokenizer, tmp_path):
 
 
 def test_ascent_raises_forget_loss_while_learning_loss_falls(tokenizer, tmp_path):
-    args = lwf_args(tmp_path, max_steps=12, lwf_unlearn_every=3, lwf_unlearn_steps=3, lwf_unlearn_lr=0.2,
+    args = lwf_args(tmp_path, max_steps=12, lwf_unlearn_every=3, lwf_unlearn_steps=3,
                     lwf_forget_ratio=0.5, learning_rate=3e-3)
     trainer = _trainer(tokenizer, args)
     trainer.train()
@@ -453,3 +453,91 @@ def test_memory_options_store_f_in_bf16_and_the_state_on_the_cpu_with_close_scor
     expected = torch.tensor(reference.lwf_callback.lwf_state.scores)
     torch.testing.assert_close(torch.tensor(state.scores), expected, rtol=2e-2, atol=1e-3 * float(expected.abs().max()))
     assert state.forget_indices == reference.lwf_callback.lwf_state.forget_indices
+
+
+@pytest.mark.parametrize("optimizer", ["preconditioned", "shared", "sgd"])
+@pytest.mark.parametrize("schedule", ["periodic", "early"])
+def test_every_counted_ascent_step_moves_the_weights(tokenizer, tmp_path, monkeypatch, optimizer, schedule):
+    """Watch the trainable weights around every ascent step, including the last step of a linear schedule (whose
+    next rate is 0) and, for the early schedule, before a warm-up from 0: each counted step moved them, at eta of the
+    step just taken (the peak rate before any step), and the log, lwf_config.json and the card count exactly those."""
+    import hf_lwf.callback as callback_module
+    from hf_lwf.method.unlearn import PreconditionedAscent
+
+    watched, trainer = [], None
+    original = callback_module.ascent_step
+
+    def watch(model, batch, step_optimizer, **kwargs):
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        if isinstance(step_optimizer, PreconditionedAscent):
+            rate = step_optimizer.groups[0][1]
+        else:
+            rate = step_optimizer.param_groups[0]["lr"]
+        result = original(model, batch, step_optimizer, **kwargs)
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        moved = max(float((a - b).abs().max()) for a, b in zip(after, before))
+        watched.append({"step": trainer.state.global_step, "applied": result["applied"], "moved": moved,
+                        "rate": rate})
+        return result
+
+    monkeypatch.setattr(callback_module, "ascent_step", watch)
+    extra = {"lwf_unlearn_lr": 0.05} if optimizer == "sgd" else {}
+    if schedule == "early":
+        extra.update(lwf_schedule="early", lwf_fisher_samples=4, warmup_steps=3)
+    args = lwf_args(tmp_path, max_steps=6, lwf_unlearn_every=2, lwf_unlearn_steps=2, lr_scheduler_type="linear",
+                    lwf_unlearn_optimizer=optimizer, **extra)
+    trainer = _trainer(tokenizer, args)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+
+    lwf = trainer.lwf_callback.lwf_state
+    assert len(watched) == 6  # 3 points x 2 steps, or all 6 before training
+    assert all(w["moved"] > 0 for w in watched if w["applied"]), watched
+    assert all(w["moved"] == 0 for w in watched if not w["applied"]), watched
+    moved = sum(w["applied"] for w in watched)
+    assert moved == 6  # every step applied here (cap 50, finite), including the last point's and the warm-up's
+    if schedule == "periodic":
+        assert [w["step"] for w in watched] == [2, 2, 4, 4, 6, 6]
+        step_rates = {2: 1e-3 * 5 / 6, 4: 1e-3 * 3 / 6, 6: 1e-3 * 1 / 6}  # linear decay: the rate of step k
+        expected = [step_rates[w["step"]] for w in watched]
+    else:
+        assert {w["step"] for w in watched} == {0}
+        expected = [1e-3] * 6  # the configured peak rate, not the warm-up's 0
+    if optimizer != "sgd":
+        assert [w["rate"] for w in watched] == pytest.approx(expected, rel=1e-6)
+    logged = sum(h["lwf/ascent_steps"] for h in trainer.state.log_history if "lwf/ascent_steps" in h)
+    written = json.loads((tmp_path / "lwf_config.json").read_text())["lwf_run"]
+    card = (tmp_path / "README.md").read_text()
+    assert lwf.unlearn_steps == written["unlearn_steps"] == logged == moved
+    assert f"{moved} ascent step(s) applied" in card
+    if optimizer == "shared":  # its rate was set only for the ascent: the scheduler's values are back afterwards
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
+
+
+def test_preconditioned_ascent_leaves_the_learning_optimizer_state_untouched(tokenizer, tmp_path, monkeypatch):
+    """Around each unlearning point AdamW's moments and step counts are bitwise unchanged (the shared option's are
+    not: it writes them, as documented)."""
+    import hf_lwf.callback as callback_module
+
+    changed = {}
+    original = LWFCallback._unlearn
+
+    def spy(self, args, model, optimizer, steps):
+        raw = getattr(optimizer, "optimizer", optimizer)
+        before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in raw.state.items()}
+        original(self, args, model, optimizer, steps)
+        changed[self.config.lwf_unlearn_optimizer] = any(
+            not torch.equal(v, before[id(p)][k]) for p, s in raw.state.items() for k, v in s.items())
+
+    monkeypatch.setattr(LWFCallback, "_unlearn", spy)
+    assert callback_module.LWFCallback is LWFCallback
+    for optimizer in ("preconditioned", "shared"):
+        _trainer(tokenizer, lwf_args(tmp_path / optimizer, max_steps=4, lwf_unlearn_optimizer=optimizer)).train()
+    assert changed == {"preconditioned": False, "shared": True}
+
+
+def test_preconditioned_ascent_refuses_an_optimizer_it_cannot_read(tokenizer, tmp_path):
+    args = lwf_args(tmp_path, max_steps=4, optim="adafactor")
+    with pytest.raises(ValueError, match="lwf_unlearn_optimizer='sgd'"):
+        _trainer(tokenizer, args).train()

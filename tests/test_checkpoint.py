@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -24,8 +25,7 @@ class Crash(TrainerCallback):
 
 def _args(path, **overrides):
     values = dict(max_steps=8, lwf_unlearn_every=3, save_strategy="steps", save_steps=4, lwf_mask_ratio=0.5,
-                  lwf_unlearn_batch_size=1, lwf_unlearn_steps=3, lwf_forget_ratio=0.5,
-                  lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None)
+                  lwf_unlearn_batch_size=1, lwf_unlearn_steps=3, lwf_forget_ratio=0.5)
     values.update(overrides)
     return lwf_args(path, **values)
 
@@ -139,5 +139,172 @@ def test_resume_from_checkpoint_without_lwf_state_starts_lwf_afresh(tokenizer, t
     resumed = _trainer(tokenizer, _args(tmp_path))
     with caplog.at_level("WARNING"):
         resumed.train(resume_from_checkpoint=True)
-    assert "no LWF state" in caplog.text
+    assert "a checkpoint of a run without LWF" in caplog.text
     assert resumed.lwf_callback.lwf_state.unlearn_points == 1  # step 6 only
+
+
+def _plain_run(tokenizer, run_dir, config, crash=None, resume_from=None):
+    """A plain ``Trainer`` with an ``LWFCallback`` (no LWFTrainer: the callback is not told the resume path)."""
+    base = _args(run_dir)
+    plain = TrainingArguments(str(run_dir), **{k: getattr(base, k) for k in (
+        "max_steps", "per_device_train_batch_size", "learning_rate", "logging_steps", "save_strategy",
+        "save_steps", "report_to", "use_cpu", "disable_tqdm", "seed", "data_seed")})
+    callbacks = [LWFCallback(config, resume_from=resume_from)] + ([crash] if crash else [])
+    return _trainer(tokenizer, plain, cls=Trainer, callbacks=callbacks)
+
+
+def _no_regeneration(monkeypatch):
+    import hf_lwf.callback as callback_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("D_self must be reused on resume, not regenerated")
+
+    monkeypatch.setattr(callback_module, "generate_self_data", fail)
+
+
+def _moved_checkpoint(tokenizer, tmp_path, config):
+    """Crash a plain-callback run at step 5 and move its checkpoint-4 to a folder of another name elsewhere."""
+    with pytest.raises(KeyboardInterrupt):
+        _plain_run(tokenizer, tmp_path / "crashed", config, crash=Crash(at_step=5)).train()
+    moved = tmp_path / "elsewhere" / "saved-at-step-4"
+    shutil.copytree(tmp_path / "crashed" / "checkpoint-4", moved)
+    shutil.copytree(tmp_path / "crashed" / SELF_DATA_DIR, tmp_path / "elsewhere" / SELF_DATA_DIR)
+    shutil.rmtree(tmp_path / "crashed")
+    return moved
+
+
+def test_plain_callback_resumed_from_another_folder_continues_exactly(tokenizer, tmp_path, monkeypatch):
+    """The Trainer resumes from a folder that is not output_dir/checkpoint-N: LWF continues from that folder."""
+    config = config_from_args(_args(tmp_path))
+    reference = _plain_run(tokenizer, tmp_path / "full", config)
+    reference.train()
+    moved = _moved_checkpoint(tokenizer, tmp_path, config)
+    resumed = _plain_run(tokenizer, tmp_path / "new_output", config)
+    _no_regeneration(monkeypatch)
+    resumed.train(resume_from_checkpoint=str(moved))
+    expected, actual = _params(reference.model), _params(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7)
+    full, cont = reference.callback_handler.callbacks, resumed.callback_handler.callbacks
+    full_state = next(c for c in full if isinstance(c, LWFCallback)).lwf_state
+    cont_state = next(c for c in cont if isinstance(c, LWFCallback)).lwf_state
+    assert cont_state.run_summary() == full_state.run_summary() and cont_state.unlearn_points == 2
+    assert cont_state.forget_indices == full_state.forget_indices
+
+
+def test_resume_path_unknown_is_refused_or_taken_from_resume_from(tokenizer, tmp_path, monkeypatch):
+    """When the callback cannot see where the Trainer resumed, it refuses; ``resume_from=`` continues exactly."""
+    import hf_lwf.callback as callback_module
+
+    config = config_from_args(_args(tmp_path))
+    reference = _plain_run(tokenizer, tmp_path / "full", config)
+    reference.train()
+    moved = _moved_checkpoint(tokenizer, tmp_path, config)
+    monkeypatch.setattr(callback_module, "_trainer_resume_path", lambda: None)
+    with pytest.raises(ValueError, match="resume_from="):
+        _plain_run(tokenizer, tmp_path / "new_output", config).train(resume_from_checkpoint=str(moved))
+    resumed = _plain_run(tokenizer, tmp_path / "explicit", config, resume_from=str(moved))
+    _no_regeneration(monkeypatch)
+    resumed.train(resume_from_checkpoint=str(moved))
+    expected, actual = _params(reference.model), _params(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def _stored_scores(checkpoint):
+    scores = torch.tensor(LWFState.load(str(checkpoint)).scores, dtype=torch.float64)
+    scores[scores <= -1e29] = float("nan")
+    return scores
+
+
+@pytest.mark.parametrize("change", [
+    {"lwf_forget_ratio": 1.0},
+    {"lwf_forget_ratio": None, "lwf_forget_top_k": 1},
+    {"lwf_confidence_threshold": "second highest"},
+    {"lwf_selection": "bottom"},
+    {"lwf_selection": "random"},
+    {"lwf_per_task_selection": True, "lwf_forget_prompts": "two tasks"},
+])
+def test_changed_selection_on_resume_reselects_d_u_from_the_stored_scores(tokenizer, tmp_path, change, monkeypatch):
+    """The new selection is applied to the stored scores at once (D_U is what a fresh selection would give)."""
+    from conftest import FORGET_PROMPTS
+
+    from hf_lwf.method.unlearn import select_forget_set
+
+    base = {"lwf_forget_ratio": 0.25}
+    if "lwf_forget_prompts" in change:
+        base["lwf_forget_prompts"] = {"a": FORGET_PROMPTS[:2], "b": FORGET_PROMPTS[2:]}
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tokenizer, _args(tmp_path, **base), callbacks=[Crash(at_step=5)]).train()
+    checkpoint = tmp_path / "checkpoint-4"
+    saved = LWFState.load(str(checkpoint))
+    scores = _stored_scores(checkpoint)
+    change = {k: v for k, v in change.items() if k != "lwf_forget_prompts"}
+    if change.get("lwf_confidence_threshold") == "second highest":
+        change["lwf_confidence_threshold"] = float(scores.nan_to_num(-1e30).sort(descending=True).values[1])
+    resumed = _trainer(tokenizer, _args(tmp_path, **{**base, **change}))
+    selected = {}
+    original = resumed.lwf_callback._restore
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        selected["indices"] = list(resumed.lwf_callback.lwf_state.forget_indices)
+        selected["sampler"] = dict(resumed.lwf_callback.lwf_state.sampler)
+        return out
+
+    monkeypatch.setattr(resumed.lwf_callback, "_restore", spy)
+    resumed.train(resume_from_checkpoint=True)
+    config = resumed.lwf_callback.config
+    expected = select_forget_set(scores, resumed.lwf_callback.self_data["task"], config.forget_amount,
+                                 threshold=config.lwf_confidence_threshold, selection=config.lwf_selection,
+                                 per_task=config.lwf_per_task_selection, seed=saved.selection_seed)
+    assert saved.selection_seed == config.lwf_seed + 1  # the first unlearning point selected D_U
+    assert selected["indices"] == expected
+    assert selected["sampler"]["size"] == len(expected)
+    if change != {"lwf_per_task_selection": True}:
+        assert expected != saved.forget_indices  # the change matters here, so keeping the old D_U would fail
+    assert resumed.lwf_callback.lwf_state.forget_indices == expected  # no rescoring at step 6 (rescore_every=0)
+    written = json.loads((tmp_path / "checkpoint-8" / CONFIG_NAME).read_text())
+    for key, value in change.items():
+        assert written[key] == value
+
+
+@pytest.mark.parametrize("change", [{"lwf_confidence": "alignment"}, {"lwf_mask_ratio": 1.0}])
+def test_changed_scoring_on_resume_scores_again_at_the_next_point(tokenizer, tmp_path, change, monkeypatch, caplog):
+    import hf_lwf.callback as callback_module
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
+    calls = []
+    original = callback_module.score_self_data
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["mode"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "score_self_data", spy)
+    resumed = _trainer(tokenizer, _args(tmp_path, **change))
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert calls == [resumed.lwf_callback.config.lwf_confidence]  # step 6 scored again, with the new mode
+    assert "scored and D_U selected again at the next unlearning point" in caplog.text
+    assert resumed.lwf_callback.lwf_state.history[-1]["lwf/num_selected"] == len(
+        resumed.lwf_callback.lwf_state.forget_indices)
+
+
+@pytest.mark.parametrize("change", [{"lwf_fisher_decay": 0.9}, {"lwf_fisher": "empirical"},
+                                    {"lwf_fisher_dtype": "bfloat16"}])
+def test_changed_fisher_setting_on_resume_is_refused(tokenizer, tmp_path, change):
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=f"changed LWF settings that cannot apply.*{name}"):
+        _trainer(tokenizer, _args(tmp_path, **change)).train(resume_from_checkpoint=True)
+
+
+def test_lwf_checkpoint_without_its_state_file_is_refused(tokenizer, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
+    os.remove(tmp_path / "checkpoint-4" / STATE_JSON)
+    with pytest.raises(FileNotFoundError, match="saved by an LWF run but has no lwf_state.json"):
+        _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=True)

@@ -86,7 +86,7 @@ def test_sgd_unlearning_needs_its_own_learning_rate():
 
 
 def test_unlearn_lr_without_sgd_optimizer_is_rejected():
-    with pytest.raises(ValueError, match="`lwf_unlearn_lr`.*lwf_unlearn_optimizer='shared'"):
+    with pytest.raises(ValueError, match="`lwf_unlearn_lr`.*lwf_unlearn_optimizer='preconditioned'"):
         LWFConfig(lwf_unlearn_lr=0.1)
     assert LWFConfig(lwf_unlearn_lr=0.1, lwf_unlearn_optimizer="sgd").lwf_unlearn_lr == 0.1
 
@@ -133,7 +133,7 @@ def test_defaults():
         lwf_fisher_decay=0.95, lwf_fisher_samples=32, lwf_mask_ratio=1.0, lwf_confidence="deviation",
         lwf_confidence_threshold=0.0, lwf_forget_ratio=None, lwf_forget_top_k=None, lwf_selection="top",
         lwf_per_task_selection=False, lwf_unlearn_every=50, lwf_unlearn_steps=1, lwf_unlearn_batch_size=4,
-        lwf_unlearn_coef=1.0, lwf_forget_loss_cap=5.0, lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None,
+        lwf_unlearn_coef=1.0, lwf_forget_loss_cap=5.0, lwf_unlearn_optimizer="preconditioned", lwf_unlearn_lr=None,
         lwf_rescore_every=0, lwf_schedule="periodic", lwf_score_batch_size=8, lwf_fisher_batch_size=8,
         lwf_score_chunk_size=1 << 25,
         lwf_fisher_dtype="float32", lwf_state_device="auto", lwf_seed=42,

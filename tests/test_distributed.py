@@ -8,24 +8,43 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_train.py")
 
 
-def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
+def test_two_rank_ddp_equals_a_single_process_run(tmp_path):
+    """2 ranks x batch 2 under DDP against ONE process with batch 4: same scores, D_U, ascent count and weights.
+
+    The ascent gradients are summed in place, one all-reduce per parameter gradient (no flat copy of them all)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               SCRIPT, str(tmp_path)]
+               SCRIPT, str(tmp_path / "ddp")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if completed.returncode != 0:
         pytest.fail(f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["world_size"] == 2
+    single = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "single"), "single"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    if single.returncode != 0:
+        pytest.fail(f"single-process run failed:\n{single.stdout[-3000:]}\n{single.stderr[-3000:]}")
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
+    alone = json.loads((tmp_path / "single" / "single.json").read_text())
+    assert ranks[0]["world_size"] == 2 and alone["world_size"] == 1
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["scores"] == ranks[1]["scores"] and len(ranks[0]["scores"]) > 1
-    assert ranks[0]["forget_indices"] == ranks[1]["forget_indices"]
-    assert ranks[0]["unlearn_steps"] == ranks[1]["unlearn_steps"] == 4
+    assert ranks[0]["forget_indices"] == ranks[1]["forget_indices"] == alone["forget_indices"]
+    assert ranks[0]["unlearn_steps"] == ranks[1]["unlearn_steps"] == alone["unlearn_steps"] == 4
+    scale = max(abs(s) for s in alone["scores"])
+    assert max(abs(a - b) for a, b in zip(ranks[0]["scores"], alone["scores"])) <= 1e-5 * scale
+    for name, expected in alone["weights"].items():
+        got = torch.tensor(ranks[0]["weights"][name])
+        torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=name)
+    for rank in ranks:
+        collectives = rank["ascent_collectives"]
+        assert collectives  # the ascent steps reduced their gradients
+        assert all(own_grad for _, own_grad in collectives if _ > 3)  # in place, on the gradient itself
+        assert max(n for n, _ in collectives) <= rank["largest_parameter"]
 
 
 MULTINODE = os.path.join(os.path.dirname(__file__), "scripts", "multinode_train.py")

@@ -309,9 +309,11 @@ def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):
                                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     options = report["seeds"][0]["options"]
-    assert [o["optimizer"] for o in options] == ["shared", "sgd"]
+    assert [o["optimizer"] for o in options] == ["shared", "preconditioned", "preconditioned", "sgd"]
+    assert [o["coef"] for o in options[1:3]] == [1.0, 0.1]
+    assert all(o["optimizer_state_unchanged"] is True for o in options[1:3])  # read-only preconditioner
     for o in options:
         step = o["steps"][0]
         assert step["update_norm"] > 0 and -1 <= step["cos_ascent_direction"] <= 1
     # plain SGD moves exactly along the (clipped) ascent direction
-    assert options[1]["steps"][0]["cos_ascent_direction"] == pytest.approx(1.0, abs=1e-2)
+    assert options[3]["steps"][0]["cos_ascent_direction"] == pytest.approx(1.0, abs=1e-2)

@@ -97,7 +97,7 @@ def test_lora_unlearning_points_run_on_the_adapters_only(tokenizer, tmp_path, ki
 
 
 def test_ascent_moves_the_adapters_and_raises_the_forget_loss(tokenizer, tmp_path):
-    values = dict(max_steps=8, lwf_unlearn_steps=3, lwf_unlearn_lr=0.5, lwf_forget_ratio=0.5, learning_rate=3e-3)
+    values = dict(max_steps=8, lwf_unlearn_steps=3, lwf_forget_ratio=0.5, learning_rate=3e-3)
     lwf = make_trainer(tokenizer, lwf_args(tmp_path / "lwf", lwf_unlearn_every=2, **values), "trainer")
     lwf.train()
     never = make_trainer(tokenizer, lwf_args(tmp_path / "never", lwf_unlearn_every=1000, **values), "trainer")

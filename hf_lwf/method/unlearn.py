@@ -7,7 +7,17 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributed import all_reduce_sum_, collective_device, full_tensor, input_device, is_sharded, shard_indices
+from ..distributed import (
+    all_reduce_,
+    all_reduce_grads_,
+    all_reduce_sum_,
+    collective_device,
+    full_tensor,
+    input_device,
+    is_sharded,
+    local_view,
+    shard_indices,
+)
 from .common import batch_losses
 from .fisher import trainable_parameters
 
@@ -90,10 +100,98 @@ class ForgetSampler:
         return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "position": self.position}
 
 
+class PreconditionedAscent:
+    """The ascent step ``Δθ = +λ·η·ĝ_U / (√v̂ + ε)`` with the learning optimizer's preconditioner, read-only.
+
+    ``ĝ_U`` is the clipped gradient of the mean forget loss, ``η`` the learning rate of the step just taken (per
+    parameter group), ``λ`` = ``lwf_unlearn_coef`` (applied after clipping, so it scales the step even when the
+    gradient is clipped). For the Adam family (``torch.optim.Adam``/``AdamW``, fused or not; accelerate's wrapper
+    is unwrapped) ``v̂ = exp_avg_sq / (1 - β₂^step)`` (``max_exp_avg_sq`` under amsgrad) and ``ε`` come from the
+    optimizer's state and param group; its moments and step count are read, never written, and no weight decay is
+    applied. The denominator is ``max(√v̂, |ĝ_U|) + ε``: a coordinate the learning task barely moves (tiny ``v̂``)
+    would otherwise take a step thousands of times ``λ·η`` (measured on a tiny Llama after one AdamW step: 3000×),
+    while Adam's own steps stay within about ``η`` per coordinate; with the bound no coordinate moves more than
+    ``λ·η``, and where ``|ĝ_U| ≤ √v̂`` the step is exactly ``λ·η·ĝ_U/(√v̂+ε)``. A parameter the optimizer has no
+    state for yet (the ``early`` schedule, before any step) has ``v̂ = 0``: the sign-like step of size ``λ·η`` that
+    Adam's first update takes. ``clamped`` counts the coordinates where the bound acted in the last step. For
+    ``torch.optim.SGD`` the preconditioner is the identity (``Δθ = λ·η·ĝ_U``). Other optimizers are refused at
+    construction (:func:`check_preconditioner`).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, coef: float,
+                 lrs: Sequence[float]):
+        self.optimizer = check_preconditioner(optimizer)
+        self.coef = coef
+        self.clamped: torch.Tensor | None = None
+        wanted = {id(p) for p in params}
+        self.groups = []  # (params, lr, beta2, eps, kind) per param group
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            mine = [p for p in group["params"] if id(p) in wanted]
+            if mine:
+                kind = "sgd" if isinstance(self.optimizer, torch.optim.SGD) else "adam"
+                betas = group.get("betas", (0.9, 0.999))
+                self.groups.append((mine, float(lr), float(betas[1]), float(group.get("eps", 1e-8)), kind,
+                                    bool(group.get("amsgrad", False))))
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Apply the step to every parameter with a gradient; returns the norm of the change the weights took
+        (0 when every update rounded away, so the step is not counted as applied)."""
+        total, self.clamped = None, None
+        for params, lr, beta2, eps, kind, amsgrad in self.groups:
+            for p in params:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if kind == "sgd":
+                    update = grad.mul(lr * self.coef)
+                else:
+                    state = self.optimizer.state.get(p, {})
+                    second = state.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq")
+                    magnitude = grad.float().abs()
+                    if second is None or "step" not in state:
+                        root = torch.zeros_like(magnitude)  # no state yet: Adam's first step, a sign-like step
+                    else:
+                        root = (second.float() / (1 - beta2 ** float(state["step"]))).sqrt_()
+                    clamped = (local_view(magnitude) > local_view(root)).sum()
+                    self.clamped = clamped if self.clamped is None else self.clamped + clamped
+                    # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
+                    denom = torch.maximum(root, magnitude).add_(eps)
+                    update = grad.float().div(denom).mul_(lr * self.coef)
+                # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it.
+                # The norm is that of the change the weights actually took (in bf16 a tiny step can round away).
+                moved = p.detach().sub(update.to(p.dtype))
+                change = local_view(moved).float() - local_view(p.detach()).float()
+                p.copy_(moved)
+                norm = change.pow(2).sum()
+                total = norm if total is None else total + norm
+        if total is None:
+            return 0.0
+        if is_sharded(self.groups[0][0]):
+            total = all_reduce_(total)
+        return float(total.sqrt())
+
+
+def check_preconditioner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The raw torch optimizer whose preconditioner ``lwf_unlearn_optimizer='preconditioned'`` can read.
+
+    Adam, AdamW (the Trainer's default, fused or not) and SGD are accepted; anything else raises a ``ValueError``
+    naming the field and the alternatives."""
+    raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if isinstance(raw, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        return raw
+    raise ValueError(
+        f"lwf_unlearn_optimizer='preconditioned' reads the learning optimizer's second moment, which hf_lwf knows for "
+        f"torch.optim.Adam/AdamW (the Trainer's default, optim='adamw_torch'/'adamw_torch_fused') and SGD; this run's "
+        f"optimizer is {type(raw).__module__}.{type(raw).__name__}. Use lwf_unlearn_optimizer='sgd' with "
+        "lwf_unlearn_lr, or 'shared'."
+    )
+
+
 def ascent_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | PreconditionedAscent,
     *,
     coef: float,
     loss_cap: float,
@@ -107,8 +205,13 @@ def ascent_step(
     ranks, clipped to ``max_grad_norm``, and the step is skipped, weights untouched, when the loss or the
     gradient is not finite. ``loss_scale`` follows the learning step's fp16 handling: the loss is multiplied by
     it before backward (small gradients do not underflow in half precision) and the gradients divided by it
-    after. Returns ``forget_loss`` (batch mean before the step), ``kept``, ``skipped`` (non-finite) and
-    ``applied`` (1 when the weights moved).
+    after. ``optimizer`` is a torch optimizer (``sgd``, ``shared``: it is stepped on the gradient of
+    ``-coef`` times the mean loss) or a :class:`PreconditionedAscent` (the gradient of minus the mean loss is clipped,
+    then ``coef`` scales the step). Returns ``forget_loss`` (batch mean before the step), ``kept``, ``skipped``
+    (non-finite) and ``applied`` (1 when the weights moved).
+
+    Under DDP each rank's share of the gradient is summed across ranks in place, one all-reduce per parameter: no
+    flat copy of the gradients.
 
     Under FSDP every rank runs the whole batch (its forward and backward are collective, so no rank may sit out)
     and FSDP's reduce-scatter averages the identical gradients into each rank's shard: no collective of our own.
@@ -136,21 +239,23 @@ def ascent_step(
         result["skipped"] = int(bool(non_finite))
         model.zero_grad(set_to_none=True)
         return result
+    preconditioned = isinstance(optimizer, PreconditionedAscent)
     if kept_losses is not None and kept_losses.numel():
-        (-coef * loss_scale * kept_losses.sum() / kept).backward()
+        ((-1.0 if preconditioned else -coef) * loss_scale * kept_losses.sum() / kept).backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         elif loss_scale != 1.0:
             p.grad.div_(loss_scale)
     if not sharded:
-        all_reduce_sum_([p.grad for p in params])
+        all_reduce_grads_([p.grad for p in params])
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     if not torch.isfinite(norm):
         result["skipped"] = 1
         model.zero_grad(set_to_none=True)
         return result
-    optimizer.step()
+    moved = optimizer.step()
     model.zero_grad(set_to_none=True)
-    result["grad_norm"], result["applied"] = float(norm), 1
+    result["grad_norm"] = float(norm)
+    result["applied"] = int(moved is None or moved > 0)  # a preconditioned step reports the norm of its change
     return result

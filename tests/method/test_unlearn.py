@@ -9,7 +9,14 @@ from conftest import FORGET_PROMPTS, tiny_llama
 
 from hf_lwf.method.common import batch_losses
 from hf_lwf.method.selfgen import collate_self_data, encode_prompt
-from hf_lwf.method.unlearn import ForgetSampler, ascent_step, forget_size, select_forget_set
+from hf_lwf.method.unlearn import (
+    ForgetSampler,
+    PreconditionedAscent,
+    ascent_step,
+    check_preconditioner,
+    forget_size,
+    select_forget_set,
+)
 
 
 SCORES = torch.tensor([0.5, -1.0, 3.0, 2.0, 0.1, -0.2, 4.0, 1.0])
@@ -350,3 +357,166 @@ def test_loss_scale_is_read_from_the_learning_optimizer():
     assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))) == 1024.0
     assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))) == 1.0
     assert _loss_scale(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == 1.0
+
+
+# ---------------------------------------------------------------- preconditioned ascent
+
+
+def _learned_adamw(model, batch, steps=3, **kwargs):
+    """An AdamW (two param groups with different rates) after ``steps`` learning steps on ``batch``."""
+    head = [model.lm_head.weight]
+    rest = [p for n, p in model.named_parameters() if n != "lm_head.weight"]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 2e-3}], weight_decay=0.1,
+                                  **kwargs)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        batch_losses(model, batch).mean().backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _learning_batch(tokenizer):
+    rows = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": [30 + i, 31, 32, 1]}
+            for i, p in enumerate(FORGET_PROMPTS[::-1])]
+    return collate_self_data(rows, tokenizer.pad_token_id)
+
+
+def _hand_preconditioned(model, batch, optimizer, rates, coef, max_norm):
+    """Delta = coef * eta * g / (max(sqrt(v_hat), |g|) + eps) in float64, g the clipped gradient of the mean loss."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(batch_losses(model, batch).mean(), list(params.values()))
+    grads = [g.double() for g in grads]
+    norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+    factor = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    expected, regimes = {}, [0, 0]
+    for (name, p), g in zip(params.items(), grads):
+        g = g * factor
+        group = optimizer.param_groups[group_of[id(p)]]
+        state = optimizer.state.get(p)
+        if state:
+            key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+            root = (state[key].double() / (1 - group["betas"][1] ** float(state["step"]))).sqrt()
+        else:
+            root = torch.zeros_like(g)
+        regimes[0] += int((g.abs() <= root).sum())  # Delta = coef * eta * g / (sqrt(v_hat) + eps) exactly
+        regimes[1] += int((g.abs() > root).sum())  # bounded: |Delta| = coef * eta
+        denom = torch.maximum(root, g.abs()) + group["eps"]
+        expected[name] = p.detach().double() + coef * rates[group_of[id(p)]] * g / denom
+    return expected, regimes
+
+
+def _assert_float32_rounding(param, expected, start, name=""):
+    """``param`` (float32) equals the float64 ``expected`` up to float32 rounding of theta (|theta| ~ 1 loses 6e-8)
+    and of the float32 step (relative 1e-5 of Delta: the gradients themselves are float32)."""
+    error = (param.detach().double() - expected).abs()
+    bound = 1.2e-7 * expected.abs() + 1e-5 * (expected - start).abs() + 1e-12
+    worst = float((error - bound).max())
+    assert worst <= 0, f"{name}: {float(error.max())} over the bound"
+
+
+def _state_copy(optimizer):
+    return {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in optimizer.state.items()}
+
+
+def _assert_state_unchanged(optimizer, saved):
+    assert set(saved) == {id(p) for p in optimizer.state}
+    for p, state in optimizer.state.items():
+        assert state.keys() == saved[id(p)].keys()
+        for key, value in state.items():
+            assert torch.equal(value, saved[id(p)][key]) if torch.is_tensor(value) else value == saved[id(p)][key]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_preconditioned_ascent_matches_the_hand_computation_and_writes_no_optimizer_state(
+        tokenizer, amsgrad, max_norm):
+    model = tiny_llama(len(tokenizer), seed=2)
+    optimizer = _learned_adamw(model, _learning_batch(tokenizer), amsgrad=amsgrad)
+    batch, rates, coef = _batch(tokenizer), [3e-4, 7e-4], 0.5
+    expected, regimes = _hand_preconditioned(model, batch, optimizer, rates, coef, max_norm)
+    assert regimes[0] > 0 and regimes[1] > 0  # both the formula and its bound are exercised
+    saved = _state_copy(optimizer)
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    wrapped = type("AcceleratedOptimizerLike", (), {"optimizer": optimizer})()  # accelerate's wrapper shape
+    update = PreconditionedAscent(wrapped, list(model.parameters()), coef=coef, lrs=rates)
+    result = ascent_step(model, batch, update, coef=coef, loss_cap=100.0, max_grad_norm=max_norm)
+    assert result["applied"] == 1 and result["skipped"] == 0
+    for name, p in model.named_parameters():
+        _assert_float32_rounding(p, expected[name], start[name], name)
+        # the bound: |Delta| <= coef * eta of the parameter's group
+        assert float((p.detach().double() - start[name]).abs().max()) <= coef * rates[name == "lm_head.weight"] * 1.001
+    _assert_state_unchanged(optimizer, saved)
+    assert int(update.clamped) == regimes[1]
+
+
+def test_preconditioned_ascent_without_optimizer_state_takes_adams_first_step(tokenizer):
+    """Before any learning step (the early schedule): |Delta| = coef * eta on every coordinate with a gradient."""
+    model = tiny_llama(len(tokenizer), seed=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = _batch(tokenizer)
+    expected, _ = _hand_preconditioned(model, batch, optimizer, [1e-3], 2.0, 0.0)
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    ascent_step(model, batch, PreconditionedAscent(optimizer, list(model.parameters()), coef=2.0, lrs=[1e-3]),
+                coef=2.0, loss_cap=100.0, max_grad_norm=0.0)
+    for name, p in model.named_parameters():
+        _assert_float32_rounding(p, expected[name], start[name], name)
+    assert not optimizer.state  # still nothing written
+
+
+def test_preconditioned_ascent_raises_the_forget_loss(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=2)
+    optimizer = _learned_adamw(model, _learning_batch(tokenizer))
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        before = float(batch_losses(model, batch).mean())
+    ascent_step(model, batch, PreconditionedAscent(optimizer, list(model.parameters()), coef=1.0, lrs=[1e-3, 1e-3]),
+                coef=1.0, loss_cap=100.0, max_grad_norm=1.0)
+    with torch.no_grad():
+        assert float(batch_losses(model, batch).mean()) > before
+
+
+def test_preconditioned_ascent_with_sgd_is_a_plain_step_at_eta(llama, tokenizer):
+    batch = _batch(tokenizer)
+    expected, _ = _expected_sgd(llama, batch, lr=0.3 * 0.5, coef=1.0)
+    optimizer = torch.optim.SGD(llama.parameters(), lr=0.5, momentum=0.9)
+    ascent_step(llama, batch, PreconditionedAscent(optimizer, list(llama.parameters()), coef=0.3, lrs=[0.5]),
+                coef=0.3, loss_cap=100.0, max_grad_norm=0.0)
+    for n, p in llama.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7)
+    assert not optimizer.state
+
+
+def test_preconditioned_ascent_refuses_optimizers_without_a_known_preconditioner():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="lwf_unlearn_optimizer='sgd'.*Adagrad|Adagrad.*lwf_unlearn_optimizer='sgd'"):
+        check_preconditioner(torch.optim.Adagrad([param]))
+    assert check_preconditioner(torch.optim.AdamW([param])) is not None
+
+
+def test_preconditioned_step_that_rounds_away_in_bf16_is_not_counted(tokenizer):
+    """A step far below bf16's resolution leaves the weights bitwise equal: it must not count as applied."""
+    model = tiny_llama(len(tokenizer), seed=2).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = _weights(model)
+    result = ascent_step(model, _batch(tokenizer), PreconditionedAscent(optimizer, list(model.parameters()), coef=1.0,
+                                                                        lrs=[1e-12]),
+                         coef=1.0, loss_cap=100.0, max_grad_norm=0.0)
+    assert result["applied"] == int(any(not torch.equal(p, start[n]) for n, p in model.named_parameters()))
+    assert result["applied"] == 0
+
+
+def test_preconditioned_ascent_divides_the_fp16_loss_scale_out(tokenizer):
+    """The GradScaler handling is the same for the preconditioned step: scaled and unscaled runs take one step."""
+    batch = _batch(tokenizer)
+    moved = []
+    for scale in (1.0, 1024.0):
+        model = tiny_llama(len(tokenizer), seed=2)
+        optimizer = _learned_adamw(model, _learning_batch(tokenizer))
+        update = PreconditionedAscent(optimizer, list(model.parameters()), coef=1.0, lrs=[1e-3, 1e-3])
+        assert ascent_step(model, batch, update, coef=1.0, loss_cap=100.0, max_grad_norm=1.0,
+                           loss_scale=scale)["applied"] == 1
+        moved.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(moved[1], moved[0], rtol=1e-5, atol=1e-7)

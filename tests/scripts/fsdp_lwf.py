@@ -23,6 +23,9 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState
 
 
+# the repository's own hf_lwf first (a script's sys.path starts at its folder, not the working directory, so an
+# installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import FORGET_PROMPTS, build_tokenizer, learning_dataset, lm_collator, tiny_gpt2, tiny_llama  # noqa: E402
 

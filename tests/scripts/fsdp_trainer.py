@@ -20,6 +20,9 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 
+# the repository's own hf_lwf first (a script's sys.path starts at its folder, not the working directory, so an
+# installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, tiny_llama  # noqa: E402
 

@@ -13,6 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 
+# the repository's own hf_lwf first (a script's sys.path starts at its folder, not the working directory, so an
+# installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, tiny_llama  # noqa: E402
 
@@ -30,8 +33,7 @@ def main(base: str, phase: str) -> None:
     tokenizer = build_tokenizer()
     args = lwf_args(output_dir, max_steps=6, per_device_train_batch_size=2, lwf_unlearn_every=3,
                     lwf_unlearn_batch_size=2, lwf_forget_ratio=0.5, ddp_find_unused_parameters=False,
-                    save_strategy="steps", save_steps=2,
-                    lwf_unlearn_optimizer="shared", lwf_unlearn_lr=None)
+                    save_strategy="steps", save_steps=2)
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
                          processing_class=tokenizer, data_collator=lm_collator(tokenizer),
                          callbacks=[Crash()] if phase == "crash" else None)
