@@ -34,9 +34,9 @@ class ScoreOnlyCallback(LWFCallback):
         self.stop_at = stop_at
         self.scoring_lr: float | None = None
 
-    def _score_and_select(self, args, model, terms, lr: float, seed: int) -> None:
+    def _score_and_select(self, args, model, terms, lr: float, seed: int, **kwargs: Any) -> None:
         self.scoring_lr = lr
-        super()._score_and_select(args, model, terms, lr, seed)
+        super()._score_and_select(args, model, terms, lr, seed, **kwargs)
 
     def _unlearn(self, args, model, optimizer, steps: int) -> None:
         self._metrics["lwf/unlearn_seconds"] = 0.0

@@ -74,7 +74,8 @@ def run(output_dir: str, phase: str) -> None:
     folder = os.path.join(output_dir, phase if "-" not in phase else f"{kind}-split")
     args = lwf_args(folder, max_steps=6, per_device_train_batch_size=2, lwf_unlearn_every=2, lwf_forget_ratio=0.5,
                     lwf_unlearn_batch_size=2, lwf_mask_ratio=0.5, lwf_forget_loss_cap=50.0, save_strategy="steps",
-                    save_steps=2, ddp_find_unused_parameters=False, **extra)
+                    save_steps=2, ddp_find_unused_parameters=False, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05,
+                    **extra)
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
                          processing_class=tokenizer, data_collator=lm_collator(tokenizer),
                          callbacks=[Crash()] if phase.endswith("crash") else None)
