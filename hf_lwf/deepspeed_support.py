@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from .distributed import all_reduce_, all_reduce_sum_, rank_and_world, shard_indices
-from .method.common import batch_losses, sequence_losses
+from .distributed import all_reduce_, all_reduce_sum_, rank_and_world
+from .method.unlearn import forget_batch_losses
+from .method.common import sequence_losses
 from .method.fisher import _BATCHABLE_KEYS, ScoringTerms, _pad_examples, kth_largest, trainable_parameters
 from .method.persample import DEFAULT_CHUNK_ELEMENTS, Consumer, per_sample_pass
 
@@ -318,27 +319,11 @@ def ascent_step(
     As under DDP each rank computes its share of the samples and the gradients are summed with one all-reduce,
     clipped to ``max_grad_norm``, and the step is skipped when the loss or the gradient is not finite.
     """
-    names = list(params)
-    plist = [params[n] for n in names]
-    size = batch["input_ids"].shape[0]
-    zero3 = hasattr(plist[0], "ds_id")
-    mine = list(range(size)) if zero3 else shard_indices(size)  # ZeRO-3: forwards are collective, no rank sits out
-    stats = torch.zeros(3, device=plist[0].device)  # loss sum, kept count, non-finite flag
-    kept_losses = None
-    if mine:
-        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
-        finite = torch.isfinite(losses)
-        stats[0] = losses.detach()[finite].sum()
-        stats[2] = float(not bool(finite.all()))
-        keep = finite & (losses.detach() < loss_cap)
-        stats[1] = keep.sum()
-        kept_losses = losses[keep]
-    if not zero3:
-        all_reduce_sum_([stats])
-    loss_sum, kept, non_finite = stats.tolist()
-    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0, "applied": 0}
-    if non_finite or kept == 0:
-        result["skipped"] = int(bool(non_finite))
+    plist = list(params.values())
+    zero3 = hasattr(plist[0], "ds_id")  # ZeRO-3: forwards are collective, no rank sits out
+    result, kept_losses = forget_batch_losses(model, batch, loss_cap, collective=zero3)
+    kept = result["kept"]
+    if result["skipped"] or kept == 0:
         return result
     grads = None
     if kept_losses is not None and kept_losses.numel():

@@ -188,6 +188,35 @@ def check_preconditioner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     )
 
 
+def forget_batch_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cap: float, collective: bool = False
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The losses of a D_U mini-batch that still count, and the batch's statistics summed across ranks.
+
+    Each rank takes its share of the samples, or all of them when ``collective`` (FSDP, ZeRO-3: every forward
+    involves every rank, and each runs the whole batch). Samples at or above ``loss_cap`` are forgotten already and
+    dropped. Returns the step's result so far (``forget_loss``: the batch mean before the step, ``kept``,
+    ``skipped``: 1 when a loss is not finite, ``applied``: 0) and this rank's kept losses (None when it has none).
+    """
+    size = batch["input_ids"].shape[0]
+    mine = list(range(size)) if collective else shard_indices(size)
+    stats = torch.zeros(3, device=collective_device(input_device(model)))  # loss sum, kept count, non-finite flag
+    kept_losses = None
+    if mine:
+        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
+        finite = torch.isfinite(losses)
+        stats[0] = losses.detach()[finite].sum()
+        stats[2] = float(not bool(finite.all()))
+        keep = finite & (losses.detach() < loss_cap)
+        stats[1] = keep.sum()
+        kept_losses = losses[keep]
+    if not collective:
+        all_reduce_sum_([stats])
+    loss_sum, kept, non_finite = stats.tolist()
+    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": int(bool(non_finite)), "applied": 0}
+    return result, kept_losses
+
+
 def ascent_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -217,26 +246,11 @@ def ascent_step(
     and FSDP's reduce-scatter averages the identical gradients into each rank's shard: no collective of our own.
     """
     params = list(trainable_parameters(model).values())
-    size = batch["input_ids"].shape[0]
     sharded = is_sharded(params)
-    mine = list(range(size)) if sharded else shard_indices(size)
     model.zero_grad(set_to_none=True)
-    stats = torch.zeros(3, device=collective_device(input_device(model)))  # loss sum, kept count, non-finite flag
-    kept_losses = None
-    if mine:
-        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
-        finite = torch.isfinite(losses)
-        stats[0] = losses.detach()[finite].sum()
-        stats[2] = float(not bool(finite.all()))
-        keep = finite & (losses.detach() < loss_cap)
-        stats[1] = keep.sum()
-        kept_losses = losses[keep]
-    if not sharded:
-        all_reduce_sum_([stats])
-    loss_sum, kept, non_finite = stats.tolist()
-    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": 0, "applied": 0}
-    if non_finite or kept == 0:
-        result["skipped"] = int(bool(non_finite))
+    result, kept_losses = forget_batch_losses(model, batch, loss_cap, collective=sharded)
+    kept = result["kept"]
+    if result["skipped"] or kept == 0:
         model.zero_grad(set_to_none=True)
         return result
     preconditioned = isinstance(optimizer, PreconditionedAscent)
