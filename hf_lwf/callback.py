@@ -552,12 +552,14 @@ class LWFCallback(TrainerCallback):
         """eta of the ascent, per param group of the learning optimizer: the rate of the step just taken.
 
         Never the scheduler's next value (0 at the end of a decaying schedule). Before any step (the ``early``
-        schedule) and where the step just taken had rate 0 (the first step of a warm-up from 0), the configured peak
-        ``learning_rate``: a counted ascent step always moves the weights."""
+        schedule) and where the step just taken had rate 0 (the first step of a warm-up from 0), the group's
+        configured peak: the scheduler's ``initial_lr`` (the group's ``lr`` without a scheduler), so a counted
+        ascent step always moves the weights, while a group configured at rate 0 stays where it is."""
         raw = getattr(optimizer, "optimizer", optimizer)
-        groups = len(raw.param_groups) if raw is not None else 1
-        rates = self._step_lrs if self._step_lrs is not None else [args.learning_rate] * groups
-        return [float(lr) if lr > 0 else float(args.learning_rate) for lr in rates]
+        groups = raw.param_groups if raw is not None else [{}]
+        peaks = [float(group.get("initial_lr", group.get("lr", args.learning_rate))) for group in groups]
+        rates = self._step_lrs if self._step_lrs is not None else [0.0] * len(peaks)
+        return [float(lr) if lr > 0 else peak for lr, peak in zip(rates, peaks)]
 
     def _unlearning_optimizer(self, args, model, optimizer, rates: list[float]):
         """What takes the ascent step (see ``lwf_unlearn_optimizer``)."""

@@ -56,10 +56,11 @@ class LWFTrainerMixin:
         self.lwf_callback.check_train_dataset(self.train_dataset)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.lwf_callback.resume_dir = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        # Record where the Trainer will resume; `True` with no checkpoint stays `True`, so that the Trainer raises
+        # its own "no valid checkpoint" error instead of training from scratch.
+        found = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        self.lwf_callback.resume_dir = found or None
+        return super().train(found or resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(self.lwf_callback.pop_metrics())

@@ -541,3 +541,21 @@ def test_preconditioned_ascent_refuses_an_optimizer_it_cannot_read(tokenizer, tm
     args = lwf_args(tmp_path, max_steps=4, optim="adafactor")
     with pytest.raises(ValueError, match="lwf_unlearn_optimizer='sgd'"):
         _trainer(tokenizer, args).train()
+
+
+def test_ascent_rate_per_group_falls_back_to_the_group_peak_not_to_a_frozen_groups_zero(tmp_path):
+    # eta of the ascent: the rate of the step just taken, per group; where that was 0 (warm-up from 0, or the early
+    # schedule before any step), the group's configured peak (`initial_lr`): a group configured at 0 stays at 0.
+    moving, frozen = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [moving], "lr": 3e-4}, {"params": [frozen], "lr": 0.0}])
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # a warm-up from 0: both groups at rate 0 now
+    args = lwf_args(tmp_path, learning_rate=1e-3)
+    callback = LWFCallback(config_from_args(args))
+    assert callback._ascent_rates(args, optimizer) == [3e-4, 0.0]  # before any step
+    callback._step_lrs = [0.0, 0.0]
+    assert callback._ascent_rates(args, optimizer) == [3e-4, 0.0]  # the first warm-up step
+    callback._step_lrs = [2e-4, 0.0]
+    assert callback._ascent_rates(args, optimizer) == [2e-4, 0.0]  # the step just taken
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=5e-4)  # no scheduler: the group's rate
+    callback._step_lrs = None
+    assert callback._ascent_rates(args, plain) == [5e-4]

@@ -308,3 +308,15 @@ def test_lwf_checkpoint_without_its_state_file_is_refused(tokenizer, tmp_path):
     os.remove(tmp_path / "checkpoint-4" / STATE_JSON)
     with pytest.raises(FileNotFoundError, match="saved by an LWF run but has no lwf_state.json"):
         _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("cls", [Trainer, LWFTrainer])
+def test_resume_true_without_a_checkpoint_is_an_error_as_in_the_trainer(tokenizer, tmp_path, cls):
+    # `True` with nothing to resume must not quietly train from scratch (the plain Trainer raises; so must LWF).
+    args = _args(tmp_path / "out")
+    os.makedirs(args.output_dir)
+    callbacks = [LWFCallback()] if cls is Trainer else None
+    trainer = _trainer(tokenizer, args, cls=cls, callbacks=callbacks)
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0

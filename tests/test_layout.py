@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_lwf"
 # The plugin's wiring: what the method must never import.
-WIRING = {"hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.modelcard"}
+WIRING = {"hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.modelcard", "hf_lwf.deepspeed_support"}
 
 
 def module_name(path: Path) -> str:

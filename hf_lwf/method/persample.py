@@ -901,7 +901,7 @@ def _exact_pass(capture: _Capture, losses: torch.Tensor, names: list[str], batch
                 if consumer.linear:
                     v = directions[name]
                     if v is not None:
-                        values[name][samples] += g.reshape(g.shape[0], -1) @ v.reshape(-1).float()
+                        values[name][samples] += (g.reshape(g.shape[0], -1) @ v.reshape(-1).float()).to(values[name].device)
                 elif samples.stop - samples.start == batch:
                     consumer.dense(name, None, g)
                 else:
