@@ -292,6 +292,34 @@ def test_empirical_fisher_and_scoring_never_form_more_than_one_batch_of_logits(t
     assert 0 < ops.largest <= 2 * longest * vocab
 
 
+def test_zero3_empirical_fisher_forms_at_most_lwf_fisher_batch_size_logits(tokenizer):
+    """The ZeRO-3 empirical Fisher (per slice) batches by ``lwf_fisher_batch_size`` like the unsharded one, and on one
+    rank (the slice is the whole parameter, laid out as DeepSpeed does: ``ds_tensor`` flat) it equals it."""
+    from hf_lwf.deepspeed_support import empirical_fisher_partitions
+
+    model = tiny_llama(len(tokenizer), seed=7)
+    vocab = model.config.vocab_size
+    examples = _examples(tokenizer, 6)
+    length = max(e["input_ids"].shape[1] for e in examples)
+    for index, p in enumerate(model.parameters()):  # DeepSpeed's ZeRO-3 attributes, world size 1
+        p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape = index, p.data.view(-1), p.numel(), p.shape
+
+    def largest(batch_size):
+        with _Ops(last_dim=vocab) as ops:
+            fisher = empirical_fisher_partitions(model, examples, batch_size=batch_size, chunk_elements=256)
+        return ops.largest, fisher
+
+    small, fisher = largest(2)
+    assert small <= 2 * length * vocab < largest(6)[0]  # the bound is the configured batch, and it binds
+    with pytest.raises(ValueError, match="lwf_fisher_batch_size"):
+        empirical_fisher_partitions(model, examples, batch_size=0)
+    for p in model.parameters():
+        del p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape
+    whole, _ = empirical_fisher(model, examples, batch_size=6, chunk_elements=256, with_mean=False)
+    for name, f in whole.items():
+        assert torch.allclose(fisher[name], f.reshape(-1), rtol=1e-5, atol=1e-12 * float(f.abs().max())), name
+
+
 # ------------------------------------------------------------------------------------------- end to end
 def test_bf16_weights_train_end_to_end_on_cpu(tokenizer, tmp_path):
     """16-bit weights (no autocast): fp32 F from bf16 gradients, a bf16 theta_ref, and real ascent steps."""
