@@ -170,6 +170,28 @@ def test_theta_ref_is_kept_exactly_in_the_parameters_dtype(tokenizer):
     assert snapshot(tiny_llama(len(tokenizer)))["lm_head.weight"].dtype == torch.float32
 
 
+def test_zero3_theta_ref_is_the_slice_in_its_dtype_and_d_is_formed_in_fp32(tokenizer):
+    """Under ZeRO-3 theta_ref copies each bf16 slice exactly (no fp32 upcast); PartitionTerms forms D in fp32."""
+    from hf_lwf.deepspeed_support import PartitionTerms, snapshot_partitions
+
+    model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
+    params = trainable_parameters(model)
+    for index, p in enumerate(params.values()):  # DeepSpeed's ZeRO-3 attributes, world size 1
+        p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape = index, p.data.view(-1), p.numel(), p.shape
+    reference = snapshot_partitions(params)
+    for name, p in params.items():
+        assert reference[name].dtype == torch.bfloat16 and torch.equal(reference[name], p.detach().reshape(-1))
+        assert reference[name].data_ptr() != p.data_ptr()  # a copy, not a view of the live slice
+    name, p = "lm_head.weight", params["lm_head.weight"]
+    fisher = {n: torch.ones(q.numel()) for n, q in params.items()}
+    with torch.no_grad():
+        p.add_(torch.full_like(p, 2.0**-6))
+    terms = PartitionTerms.from_state(fisher, model=model, reference=reference)
+    w, f = terms.chunk(name)
+    expected = p.detach().float() - reference[name].float().view(p.shape)  # D = theta_now - theta_ref, fp32
+    assert w.dtype == torch.float32 and torch.equal(w, expected) and float(w.abs().max()) > 0
+
+
 def test_batches_follow_the_input_embeddings_not_the_first_parameter(tokenizer):
     model = tiny_llama(len(tokenizer))
     assert input_device(model) == torch.device("cpu")
