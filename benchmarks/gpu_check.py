@@ -7,7 +7,10 @@ Checks, each a short LWFTrainer run that must end with real ascent steps, a fini
 ``bf16`` (16-bit weights, F fp32, theta_ref bf16), ``lora_gc`` (PEFT LoRA + gradient checkpointing, bf16 mixed
 precision), ``resume`` (a run stopped after a checkpoint and resumed ends at the uninterrupted run's weights, with
 the state on the parameters' device), ``fsdp`` (FSDP2 through accelerate on one GPU, under torchrun; skipped in
-the dry run: accelerate builds FSDP only on GPUs). ``--step fsdp-worker`` is what torchrun runs.
+the dry run: accelerate builds FSDP only on GPUs), ``zero3`` (DeepSpeed ZeRO-3 on one GPU through the Trainer's
+``deepspeed`` argument, bf16, with the SGD ascent DeepSpeed requires, under a one-rank torchrun; in the dry run the
+same on the CPU in fp32 with DeepSpeed's CPU accelerator, and skipped when DeepSpeed is not installed).
+``--step fsdp-worker`` and ``--step zero3-worker`` are what torchrun runs.
 """
 
 from __future__ import annotations
@@ -124,13 +127,7 @@ def check_resume(out: str, dry: bool) -> dict:
 def check_fsdp(out: str, dry: bool) -> dict:
     if dry or not torch.cuda.is_available():
         return {"skipped": "accelerate builds FSDP only on GPUs (the CPU FSDP2 tests are tests/test_fsdp.py)"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               os.path.abspath(__file__), "--step", "fsdp-worker", "--out", out]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if completed.returncode != 0:
-        raise RuntimeError(f"FSDP2 worker failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-    with open(os.path.join(out, "fsdp.json"), encoding="utf-8") as handle:
-        return json.load(handle)
+    return _torchrun("fsdp-worker", out, dry)
 
 
 def fsdp_worker(out: str) -> None:
@@ -140,11 +137,62 @@ def fsdp_worker(out: str) -> None:
                        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     trainer.train()
     result = _finished(trainer)
-    with open(os.path.join(out, "fsdp.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(out, "fsdp-worker.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
 
 
-CHECKS = {"bf16": check_bf16, "lora_gc": check_lora_gc, "resume": check_resume, "fsdp": check_fsdp}
+def _torchrun(step: str, out: str, dry: bool, env: dict | None = None) -> dict:
+    """Run ``--step <step>`` on one rank under torchrun and return the JSON it wrote to ``<out>/<step>.json``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               os.path.abspath(__file__), "--step", step, "--out", out] + (["--dry-run"] if dry else [])
+    # the dry run may JIT-build DeepSpeed's CPU communication op first (about a minute, cached afterwards)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240 if dry else 120,
+                               env={**os.environ, **(env or {})})
+    if completed.returncode != 0:
+        raise RuntimeError(f"{step} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
+    with open(os.path.join(out, f"{step}.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def check_zero3(out: str, dry: bool) -> dict:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return {"skipped": "DeepSpeed is not installed (pip install hf_lwf[deepspeed])"}
+    return _torchrun("zero3-worker", out, dry, env={"DS_ACCELERATOR": "cpu"} if dry else None)
+
+
+def zero3_worker(out: str, dry: bool) -> None:
+    """LWFTrainer under DeepSpeed ZeRO-3 on one rank: real ascent steps, F and theta_ref kept per slice, theta_ref
+    in the weights' dtype, finite weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from hf_lwf.method.fisher import trainable_parameters
+
+    if not dry:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    model, tokenizer = _model(dry)
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    trainer = _trainer(model.float(), tokenizer, out, dry, bf16=not dry, deepspeed=config,
+                       lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=1e-3)
+    trainer.train()
+    state = trainer.lwf_callback.lwf_state
+    params = trainable_parameters(trainer.model)
+    assert trainer.lwf_callback.deepspeed_stage == 3 and all(hasattr(p, "ds_id") for p in params.values())
+    assert state.unlearn_steps > 0, f"no ascent step was applied: {state.run_summary()}"
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in state.fisher.values()), "F not fp32"
+    assert all(state.reference[n].dtype == p.ds_tensor.dtype for n, p in params.items()), "theta_ref not exact"
+    assert sum(f.numel() for f in state.fisher.values()) == sum(p.ds_numel for p in params.values())
+    assert all(torch.isfinite(safe_get_full_fp32_param(p)).all() for p in params.values()), "non-finite weights"
+    result = {**state.run_summary(), "weights": str(next(iter(params.values())).ds_tensor.dtype)}
+    with open(os.path.join(out, "zero3-worker.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+
+
+CHECKS = {"bf16": check_bf16, "lora_gc": check_lora_gc, "resume": check_resume, "fsdp": check_fsdp,
+          "zero3": check_zero3}
 
 
 def main(argv=None) -> int:
@@ -159,6 +207,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1 if dry else torch.get_num_threads())
     if args.step == "fsdp-worker":
         fsdp_worker(args.out)
+        return 0
+    if args.step == "zero3-worker":
+        zero3_worker(args.out, dry)
         return 0
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; run with --dry-run for the CPU version.", file=sys.stderr)

@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -349,7 +350,8 @@ class LWFCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------- learning steps
     def update_fisher(
-        self, model, step: int, grad_scale: float | torch.Tensor = 1.0, grads: dict | None = None
+        self, model, step: int, grad_scale: float | torch.Tensor = 1.0, grads: dict | None = None,
+        fetch: Callable[[str, torch.nn.Parameter], torch.Tensor] | None = None,
     ) -> None:
         """Fold this step's gradients (divided by ``grad_scale``) into the online Fisher, on the device, no host sync.
 
@@ -359,22 +361,30 @@ class LWFCallback(TrainerCallback):
         (a callback sees no earlier gradients). Steps the optimizer skipped (fp16 overflow) contribute nothing.
         Every trainable parameter has an entry from the first step on; one without a gradient decays with g = 0.
         ``grads``: the gradients when they are not in ``p.grad`` (DeepSpeed's partitioned buffers, read by
-        ``LWFTrainerMixin`` before the engine's step).
+        ``LWFTrainerMixin`` before the engine's step). ``fetch(name, param)``: instead of ``grads``, returns one
+        parameter's gradient (ZeRO-2: a whole fp32 gradient, gathered on demand); each is folded into ``F`` before
+        the next is fetched, so one whole gradient is held at a time. Same result as ``grads``, bf16 rounding too.
         """
         if not self.wants_online_fisher() or self._fisher_step == step:
             return
         self._fisher_step = step
         params = fisher_lib.trainable_parameters(model)
-        if grads is None:
+        if grads is None and fetch is None:
             grads = {n: p.grad for n, p in params.items()}
         dtype = getattr(torch, self.config.lwf_fisher_dtype)
         lwf = self.lwf_state
         if not lwf.fisher:  # under ZeRO-3 a parameter holds no data: F is laid out like this rank's gradient slices
             layout = grads if self.deepspeed_stage == 3 else params
             lwf.fisher = fisher_lib.zeros_like_parameters(layout, dtype=dtype, device=self._state_device)
-        fisher_lib.online_fisher_update_(lwf.fisher, grads,
-                                         self.config.lwf_fisher_decay, dtype=dtype, device=self._state_device,
-                                         grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates)
+        options = dict(decay=self.config.lwf_fisher_decay, dtype=dtype, device=self._state_device,
+                       grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates)
+        if fetch is None:
+            fisher_lib.online_fisher_update_(lwf.fisher, grads, **options)
+        else:  # F's entries exist already: each decays exactly once, with its own gradient
+            for index, name in enumerate(lwf.fisher):
+                grad = fetch(name, params[name])
+                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, index_offset=index, **options)
+                del grad
         lwf.fisher_updates += 1
 
     def skip_fisher_step(self, step: int) -> None:
@@ -421,7 +431,8 @@ class LWFCallback(TrainerCallback):
                 examples = self._learning_examples(train_dataloader, model, seed=config.lwf_seed + point)
                 if self.deepspeed_stage == 3:  # this rank's slices only
                     fisher, scale = deepspeed_support.empirical_fisher_partitions(
-                        model, examples, chunk_elements=config.lwf_score_chunk_size), 1.0
+                        model, examples, batch_size=config.lwf_fisher_batch_size,
+                        chunk_elements=config.lwf_score_chunk_size), 1.0
                 else:
                     (fisher, _), scale = fisher_lib.empirical_fisher(
                         model, examples, batch_size=config.lwf_fisher_batch_size,

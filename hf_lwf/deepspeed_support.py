@@ -136,13 +136,14 @@ def local_partition(param: torch.nn.Parameter) -> torch.Tensor:
 
 def snapshot_partitions(params: dict[str, torch.nn.Parameter], out: dict[str, torch.Tensor] | None = None
                         ) -> dict[str, torch.Tensor]:
-    """theta_ref under ZeRO-3: a fp32 copy of each parameter's local slice (into ``out`` in place when given)."""
+    """theta_ref under ZeRO-3: a copy of each parameter's local slice in its own dtype (exact; D is formed in fp32 by
+    :class:`PartitionTerms`), into ``out`` in place when given."""
     if out:
         with torch.no_grad():
             for name, p in params.items():
                 out[name].copy_(local_partition(p))
         return out
-    return {name: local_partition(p).float().clone() for name, p in params.items()}
+    return {name: local_partition(p).clone() for name, p in params.items()}
 
 
 def local_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -259,12 +260,17 @@ class PartitionFisherConsumer(Consumer):
 
 
 def empirical_fisher_partitions(model: torch.nn.Module, examples: list[dict[str, torch.Tensor]],
-                                chunk_elements: int | None = None) -> dict[str, torch.Tensor]:
+                                batch_size: int = 16, chunk_elements: int | None = None) -> dict[str, torch.Tensor]:
     """:func:`hf_lwf.method.fisher.empirical_fisher` under ZeRO-3: every rank runs every example (the forwards are
-    collective) and keeps the mean squared per-sample gradient of its own slice of each parameter; no collective."""
+    collective) and keeps the mean squared per-sample gradient of its own slice of each parameter; no collective.
+
+    ``batch_size`` (``lwf_fisher_batch_size``): examples per forward, which bounds the largest activation (the
+    fp32 logits of ``batch_size`` sequences)."""
 
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
+    if batch_size < 1:
+        raise ValueError(f"`lwf_fisher_batch_size` must be at least 1 (got {batch_size}).")
     if any(set(e) - _BATCHABLE_KEYS or "labels" not in e or e["input_ids"].shape[0] != 1 for e in examples):
         raise NotImplementedError(
             "Under ZeRO-3 the empirical Fisher needs causal-LM learning batches with only `input_ids`, "
@@ -277,7 +283,7 @@ def empirical_fisher_partitions(model: torch.nn.Module, examples: list[dict[str,
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sequence_losses(logits, batch["labels"])
 
-    was_training, batch_size = model.training, 16
+    was_training = model.training
     model.eval()
     try:
         for start in range(0, len(examples), batch_size):
@@ -289,18 +295,16 @@ def empirical_fisher_partitions(model: torch.nn.Module, examples: list[dict[str,
     return {n: f.div_(len(examples)) for n, f in consumer.squares.items()}
 
 
-def full_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The reduced, unclipped fp32 gradient of every parameter, whole on every rank (collective: every rank calls
-    it, one all-reduce per parameter, in the same order). Valid inside the ``engine.step`` wrapper only."""
+def full_gradient(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+    """The reduced, unclipped fp32 gradient of one parameter, whole on every rank (ZeRO-2; collective: every rank
+    calls it for the same parameters in the same order, one all-reduce each). Valid inside the ``engine.step``
+    wrapper only. The online Fisher folds each one in before fetching the next: one whole gradient at a time."""
     from deepspeed.utils import safe_get_full_grad
 
-    grads = {}
-    for name, p in params.items():
-        g = safe_get_full_grad(p)
-        if g is None:
-            raise RuntimeError(f"DeepSpeed returned no gradient for {name}: LWF cannot read the step's gradients.")
-        grads[name] = g.detach().float()
-    return grads
+    g = safe_get_full_grad(param)
+    if g is None:
+        raise RuntimeError(f"DeepSpeed returned no gradient for {name}: LWF cannot read the step's gradients.")
+    return g.detach().float()
 
 
 def ascent_step(

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
-from .deepspeed_support import full_gradients, install_fisher_hook, local_gradients
+from .deepspeed_support import full_gradient, install_fisher_hook, local_gradients
 from .distributed import full_tensor
 from .method.fisher import trainable_parameters
 from .modelcard import insert_card_section, lwf_card_section
@@ -78,9 +78,11 @@ class LWFTrainerMixin:
         if not callback.wants_online_fisher():
             return
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        params = trainable_parameters(model)
         # collective: every rank is inside engine.step
-        grads = local_gradients(params) if callback.deepspeed_stage == 3 else full_gradients(params)
+        if callback.deepspeed_stage != 3:  # ZeRO-2: whole gradients, gathered and folded in one at a time
+            callback.update_fisher(model, self.state.global_step, fetch=full_gradient)
+            return
+        grads = local_gradients(trainable_parameters(model))  # ZeRO-3: this rank's slices, 1/world of a copy
         if not grads:  # a non-finite gradient on some rank: no update anywhere
             callback.skip_fisher_step(self.state.global_step)
             return

@@ -559,3 +559,49 @@ def test_ascent_rate_per_group_falls_back_to_the_group_peak_not_to_a_frozen_grou
     plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=5e-4)  # no scheduler: the group's rate
     callback._step_lrs = None
     assert callback._ascent_rates(args, plain) == [5e-4]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepspeed_zero2_online_fisher_folds_one_whole_gradient_at_a_time(dtype):
+    """ZeRO-2 reads each whole gradient on demand (``fetch``): it is folded into F before the next one is fetched,
+    every entry decays once per step, and F equals the all-gradients-at-once update (bf16 rounding bits too)."""
+    import weakref
+
+    model = tiny_llama(64)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    steps = [{n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()} for _ in range(3)]
+    for step in steps:  # one parameter without a gradient at every step: it decays with g = 0
+        step[names[1]] = None
+    config = dict(lwf_forget_prompts=FORGET_PROMPTS, lwf_fisher_dtype=dtype, lwf_fisher_decay=0.9)
+    at_once, streamed = LWFCallback(LWFConfig(**config)), LWFCallback(LWFConfig(**config))
+    for callback in (at_once, streamed):
+        callback.deepspeed_stage = 2
+    for index, grads in enumerate(steps):
+        at_once.update_fisher(model, index + 1, grads=grads)
+        before = {n: f.clone() for n, f in streamed.lwf_state.fisher.items()}
+        fetched, previous = [], []
+
+        def fetch(name, param):
+            if previous:
+                assert previous[-1]() is None  # the last gradient was released before this one is fetched
+            changed = [n for n in before if not torch.equal(before[n], streamed.lwf_state.fisher[n])]
+            assert set(changed) <= set(fetched)  # only the parameters already fetched were updated
+            fetched.append(name)
+            g = grads[name]
+            g = torch.zeros_like(param, dtype=torch.float32) if g is None else g.clone()
+            previous.append(weakref.ref(g))
+            return g
+
+        streamed.update_fisher(model, index + 1, fetch=fetch)
+        assert fetched == names  # every parameter once, in F's order
+    assert at_once.lwf_state.fisher_updates == streamed.lwf_state.fisher_updates == 3
+    for n in names:
+        assert torch.equal(at_once.lwf_state.fisher[n], streamed.lwf_state.fisher[n]), n
+    reference = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    for grads in steps:  # the independent slow reference: F <- decay F + (1 - decay) g**2, g = 0 when absent
+        for n in names:
+            g = grads[n].double() if grads[n] is not None else torch.zeros_like(reference[n])
+            reference[n] = 0.9 * reference[n] + 0.1 * g.square()
+    tolerance = 1e-6 if dtype == "float32" else 2e-2
+    for n in names:
+        assert torch.allclose(streamed.lwf_state.fisher[n].double(), reference[n], rtol=tolerance, atol=1e-12), n
+    assert float(streamed.lwf_state.fisher[names[1]].abs().sum()) == 0.0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,18 +12,32 @@ def test_gpu_check_dry_run_passes(tmp_path):
     env = dict(os.environ, GPU_CHECK_OUT=str(tmp_path), OMP_NUM_THREADS="1")
     env.pop("HF_LWF_GPU_CHECK_DRY_RUN", None)
     completed = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run"],
-                               capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+                               capture_output=True, text=True, env=env, timeout=480, cwd=str(tmp_path))
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-5000:]
     assert "[gpu_check] PASSED" in completed.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["dry_run"] is True
     results = summary["results"]
-    assert set(results) == {"bf16", "lora_gc", "resume", "fsdp"}
+    assert set(results) == {"bf16", "lora_gc", "resume", "fsdp", "zero3"}
     for name in ("bf16", "lora_gc", "resume"):
         assert "error" not in results[name] and results[name]["unlearn_steps"] > 0, results[name]
     assert results["resume"]["max_relative_weight_difference"] < 1e-2
     assert "skipped" in results["fsdp"]
+    zero3 = results["zero3"]  # a one-rank DeepSpeed ZeRO-3 run through the Trainer, on the CPU
+    assert "error" not in zero3 and "skipped" not in zero3, zero3
+    assert zero3["unlearn_steps"] > 0 and zero3["fisher_updates"] > 0 and zero3["weights"] == "torch.float32"
     bench = json.loads((tmp_path / "bench.json").read_text())
     row = bench["models"]["tiny"]["fisher_bf16"]
     assert row["weights"] == "bfloat16" and row["fisher"] == "float32" and row["overhead"] > 0
+
+
+def test_gpu_check_timeouts_fit_the_eight_minute_budget():
+    """Issue 16: the GPU command runs in under 8 minutes; its parts' timeouts bound it."""
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8") as handle:
+        script = handle.read()
+    start = script.index("\nelse\n")
+    gpu_part = script[start:script.index("\nfi\n", start)]  # the branch that runs on a GPU
+    timeouts = [int(t) for t in re.findall(r"^\s*timeout (\d+) ", gpu_part, flags=re.M)]
+    assert len(timeouts) == len([line for line in gpu_part.splitlines() if "python" in line]) == 3
+    assert sum(timeouts) < 8 * 60, timeouts

@@ -170,6 +170,28 @@ def test_theta_ref_is_kept_exactly_in_the_parameters_dtype(tokenizer):
     assert snapshot(tiny_llama(len(tokenizer)))["lm_head.weight"].dtype == torch.float32
 
 
+def test_zero3_theta_ref_is_the_slice_in_its_dtype_and_d_is_formed_in_fp32(tokenizer):
+    """Under ZeRO-3 theta_ref copies each bf16 slice exactly (no fp32 upcast); PartitionTerms forms D in fp32."""
+    from hf_lwf.deepspeed_support import PartitionTerms, snapshot_partitions
+
+    model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
+    params = trainable_parameters(model)
+    for index, p in enumerate(params.values()):  # DeepSpeed's ZeRO-3 attributes, world size 1
+        p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape = index, p.data.view(-1), p.numel(), p.shape
+    reference = snapshot_partitions(params)
+    for name, p in params.items():
+        assert reference[name].dtype == torch.bfloat16 and torch.equal(reference[name], p.detach().reshape(-1))
+        assert reference[name].data_ptr() != p.data_ptr()  # a copy, not a view of the live slice
+    name, p = "lm_head.weight", params["lm_head.weight"]
+    fisher = {n: torch.ones(q.numel()) for n, q in params.items()}
+    with torch.no_grad():
+        p.add_(torch.full_like(p, 2.0**-6))
+    terms = PartitionTerms.from_state(fisher, model=model, reference=reference)
+    w, f = terms.chunk(name)
+    expected = p.detach().float() - reference[name].float().view(p.shape)  # D = theta_now - theta_ref, fp32
+    assert w.dtype == torch.float32 and torch.equal(w, expected) and float(w.abs().max()) > 0
+
+
 def test_batches_follow_the_input_embeddings_not_the_first_parameter(tokenizer):
     model = tiny_llama(len(tokenizer))
     assert input_device(model) == torch.device("cpu")
@@ -290,6 +312,34 @@ def test_empirical_fisher_and_scoring_never_form_more_than_one_batch_of_logits(t
     with _Ops(last_dim=vocab) as ops:
         score_self_data(model, rows, 0, terms, lr=0.1, batch_size=2, show_progress=False, chunk_elements=256)
     assert 0 < ops.largest <= 2 * longest * vocab
+
+
+def test_zero3_empirical_fisher_forms_at_most_lwf_fisher_batch_size_logits(tokenizer):
+    """The ZeRO-3 empirical Fisher (per slice) batches by ``lwf_fisher_batch_size`` like the unsharded one, and on one
+    rank (the slice is the whole parameter, laid out as DeepSpeed does: ``ds_tensor`` flat) it equals it."""
+    from hf_lwf.deepspeed_support import empirical_fisher_partitions
+
+    model = tiny_llama(len(tokenizer), seed=7)
+    vocab = model.config.vocab_size
+    examples = _examples(tokenizer, 6)
+    length = max(e["input_ids"].shape[1] for e in examples)
+    for index, p in enumerate(model.parameters()):  # DeepSpeed's ZeRO-3 attributes, world size 1
+        p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape = index, p.data.view(-1), p.numel(), p.shape
+
+    def largest(batch_size):
+        with _Ops(last_dim=vocab) as ops:
+            fisher = empirical_fisher_partitions(model, examples, batch_size=batch_size, chunk_elements=256)
+        return ops.largest, fisher
+
+    small, fisher = largest(2)
+    assert small <= 2 * length * vocab < largest(6)[0]  # the bound is the configured batch, and it binds
+    with pytest.raises(ValueError, match="lwf_fisher_batch_size"):
+        empirical_fisher_partitions(model, examples, batch_size=0)
+    for p in model.parameters():
+        del p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape
+    whole, _ = empirical_fisher(model, examples, batch_size=6, chunk_elements=256, with_mean=False)
+    for name, f in whole.items():
+        assert torch.allclose(fisher[name], f.reshape(-1), rtol=1e-5, atol=1e-12 * float(f.abs().max())), name
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -41,6 +41,7 @@ def online_fisher_update_(
     device=None,
     grad_scale: float | torch.Tensor = 1.0,
     seed: int = 0,
+    index_offset: int = 0,
 ) -> None:
     """``F <- decay * F + (1 - decay) * (g / grad_scale)**2`` in place, for every entry of ``F`` and of ``grads``.
 
@@ -58,7 +59,9 @@ def online_fisher_update_(
     gradients are not filtered here: the caller skips steps the optimizer skips (fp16 overflow), and a non-finite
     ``F`` is caught at the next unlearning point (:func:`check_finite`). bf16 ``F``: each parameter is updated in
     fp32 and rounded stochastically to bf16 (random bits from ``seed``: pass a new one each step), so the decrement
-    of a decay close to 1 is not rounded away; this path loops over parameters, one fp32 temporary at a time.
+    of a decay close to 1 is not rounded away; this path loops over parameters, one fp32 temporary at a time. The
+    random bits of the i-th entry of ``F`` come from ``(seed, index_offset + i)``: a caller folding in one
+    parameter at a time passes its position as ``index_offset`` and draws the bits of a single call.
 
     ``F`` on another device than the gradients (``lwf_state_device='cpu'``): the gradients are copied into pinned
     host buffers (non-blocking, one wait per step) and the update runs there. Under FSDP2 the gradients and ``F``
@@ -103,7 +106,7 @@ def online_fisher_update_(
             g = gs[n].float()
             scale = grad_scale.to(f.device, torch.float32) if torch.is_tensor(grad_scale) else grad_scale
             f.addcmul_(g, g * ((1 - decay) / scale**2))
-        generator = torch.Generator(device=f.device).manual_seed(seed * 1_000_003 + index)
+        generator = torch.Generator(device=f.device).manual_seed(seed * 1_000_003 + index_offset + index)
         fs[n].copy_(stochastic_round(f, fs[n].dtype, generator))
 
 
