@@ -528,3 +528,25 @@ def test_answer_logliks_against_plain_autograd(tiny_setup):
         ref = sum(torch.log_softmax(logits[len(p) - 1 + k], -1)[tok].item() for k, tok in enumerate(r)) / len(r)
         assert value == pytest.approx(ref, abs=1e-5)
     assert run.answer_logliks(model, [[1]], [[]]) == [None]
+
+
+def test_mechanism_runs_score_the_swapped_label(tiny_setup, tmp_path):
+    root, data, model_dir = tiny_setup
+    config = run.load_config(str(run.REPO / "experiments" / "configs" / "mechanism.yaml"))
+    settings = run.merged_settings({**config["settings"], **{k: TINY[k] for k in ("max_steps", "batch_size",
+                                    "learning_rate", "max_length", "eval_batch_size")},
+                                    "n_eval_learn": 4, "n_selfgen_eval": 2, "n_forget_prompts": 2}, [])
+    for method in ("base", "vanilla"):
+        record = run.run_one(run.make_spec("sst2swap", "none", method, 0), settings, str(data), None,
+                             str(tmp_path), model_name=model_dir, work_dir=str(root / "work"))
+        e = record["eval"]["sst2swap"]
+        docs = {d["id"]: d for d in (json.loads(x) for x in (data / "sst5" / "dev.jsonl").read_text().splitlines())}
+        assert e["doc_ids"] and all(docs[i]["label"] != 2 for i in e["doc_ids"])  # dev file, no neutral
+        assert e["targets"] == [task_utils.sst2swap_target(docs[i]) for i in e["doc_ids"]]
+        assert set(record["selfgen_eval"]) == {"sst2orig"} and len(record["selfgen_eval"]["sst2orig"]["items"]) == 2
+    # the lwf cells name the preconditioned ascent, which this branch does not have yet: refused, by name
+    from hf_lwf import config as lwf_config
+
+    if "preconditioned" not in str(lwf_config.LWFConfig.__dataclass_fields__["lwf_unlearn_optimizer"].type):
+        with pytest.raises(ValueError, match="lwf_unlearn_optimizer"):
+            run._training_args(run.make_spec("sst2swap", "sst2orig", "lwf", 0), settings, str(tmp_path), {"x": ["q"]})
