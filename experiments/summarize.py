@@ -516,8 +516,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> str | None:
         ax.plot([scale * d for d in st["deltas"]], [i] * len(st["deltas"]), "x", color="C1", ms=5)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(y, labels)
+    spread = [abs(d) for r in rows for d in r["learn_stats"][primary_key(r)]["deltas"]]
+    if spread and max(spread) > 0:  # a 2-seed t interval can be ten times wider than every seed's Δ: cut it
+        ax.set_xlim(-3 * scale * max(spread), 3 * scale * max(spread))
     unit = "points of accuracy" if key == "acc" else "nats of gold log-probability"
-    ax.set_xlabel(f"method minus reference ({unit}); bar: 95 % t interval over seeds, x: each seed")
+    ax.set_xlabel(f"method minus reference ({unit})\nbar: 95 % t interval over seeds (cut at the axis), x: each seed")
     if title:
         ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
