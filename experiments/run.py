@@ -122,12 +122,13 @@ def _read_jsonl(path: str):
     return load_dataset("json", data_files=path, split="train")
 
 
-def load_split(task: str, data_dir: str, split: str):
+def load_split(task: str, data_dir: str, split: str, eval_dir: str | None = None):
     """The ``train``, ``dev`` or ``test`` split of ``task`` from local JSON Lines, labelled rows only.
 
     The training split drops every document whose normalised stem occurs in the dev or test split (exact
     duplicates across files, such as the few sst5 sentences in both train and dev); shared files are cut by stem
-    group, so no stem is in two splits.
+    group, so no stem is in two splits. With a separate ``eval_dir`` (``--eval_data_dir``), the training split also
+    drops every stem of that directory's dev and test files, which are then evaluated whole.
     """
     source = task_utils.source_task(task)
     if source not in task_utils.FILES:
@@ -139,14 +140,19 @@ def load_split(task: str, data_dir: str, split: str):
                 path = os.path.join(data_dir, task_utils.FILES[source][other])
                 if os.path.isfile(path):
                     exclude.update(task_utils.group_key(d) for d in _read_jsonl(path))
+        if eval_dir is not None and os.path.abspath(eval_dir) != os.path.abspath(data_dir):
+            for other in ("dev", "test"):
+                path = os.path.join(eval_dir, task_utils.FILES[source][other])
+                if os.path.isfile(path):
+                    exclude.update(task_utils.group_key(d) for d in _read_jsonl(path))
     dataset = _read_jsonl(os.path.join(data_dir, task_utils.FILES[source][split]))
     docs = task_utils.split_docs(dataset, source, split, exclude_groups=exclude)
     return task_utils.sst2_docs(docs) if source != task else docs
 
 
-def sst2_pools(data_dir: str):
+def sst2_pools(data_dir: str, eval_dir: str | None = None):
     """``(learning pool, forgetting pool)`` of sst2 training reviews: disjoint, the last SST2_FORGET_POOL for forgetting."""
-    docs = load_split("sst2swap", data_dir, "train")
+    docs = load_split("sst2swap", data_dir, "train", eval_dir)
     n = len(docs) - min(SST2_FORGET_POOL, len(docs) // 2)
     return docs.select(range(n)), docs.select(range(n, len(docs)))
 
@@ -163,11 +169,11 @@ def encode_example(tokenizer, context: str, continuation: str, max_length: int, 
 
 
 def learning_dataset(task: str, tokenizer, data_dir: str, n: int, seed: int, max_length: int,
-                     prompt_style: str = "legacy"):
+                     prompt_style: str = "legacy", eval_dir: str | None = None):
     """``n`` training examples of ``task`` drawn with ``seed``, formatted exactly as lm-eval scores them."""
     from datasets import Dataset
 
-    docs = sst2_pools(data_dir)[0] if task == "sst2swap" else load_split(task, data_dir, "train")
+    docs = sst2_pools(data_dir, eval_dir)[0] if task == "sst2swap" else load_split(task, data_dir, "train", eval_dir)
     docs = docs.shuffle(seed=seed)
     docs = docs.select(range(min(n, len(docs))))
     to_text = task_utils.doc_to_text(task, prompt_style)
@@ -177,17 +183,17 @@ def learning_dataset(task: str, tokenizer, data_dir: str, n: int, seed: int, max
     return Dataset.from_list(rows)
 
 
-def _prompt_docs(task: str, data_dir: str, split: str):
+def _prompt_docs(task: str, data_dir: str, split: str, eval_dir: str | None = None):
     if task == "sst2orig":
-        return sst2_pools(data_dir)[1] if split == "train" else load_split("sst2swap", data_dir, split)
-    return load_split(task, data_dir, split)
+        return sst2_pools(data_dir, eval_dir)[1] if split == "train" else load_split("sst2swap", data_dir, split)
+    return load_split(task, data_dir, split, eval_dir)
 
 
 def _user_prompt(task: str, doc) -> str:
     return task_utils.sst2_user_message(doc) if task == "sst2orig" else task_utils.DOC_TO_TEXT[task](doc)
 
 
-def forget_prompts(forget: str, data_dir: str, n_total: int) -> dict[str, list[str]]:
+def forget_prompts(forget: str, data_dir: str, n_total: int, eval_dir: str | None = None) -> dict[str, list[str]]:
     """The forgetting prompts, ``n_total`` split evenly over the tasks: questions of their *training* splits.
 
     ``sst2orig`` (the mechanism benchmark) takes the binary sentiment question on training reviews reserved for it
@@ -197,7 +203,7 @@ def forget_prompts(forget: str, data_dir: str, n_total: int) -> dict[str, list[s
     per_task = max(1, n_total // len(tasks))
     prompts = {}
     for task in tasks:
-        docs = _prompt_docs(task, data_dir, "train")
+        docs = _prompt_docs(task, data_dir, "train", eval_dir)
         prompts[task] = [_user_prompt(task, docs[i]) for i in range(min(per_task, len(docs)))]
     return prompts
 
@@ -329,7 +335,8 @@ def _training_args(spec: RunSpec, settings: dict[str, Any], output_dir: str, pro
     return LWFTrainingArguments(output_dir, **common, **lwf, lwf_forget_prompts=prompts, lwf_seed=spec.seed)
 
 
-def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: str, work_dir: str) -> dict[str, Any]:
+def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: str, work_dir: str,
+          eval_dir: str | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place with the run's method; return what to record about training."""
     from transformers import Trainer
 
@@ -340,8 +347,9 @@ def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: s
 
     n_train = settings["max_steps"] * settings["batch_size"]
     dataset = learning_dataset(spec.learn, tokenizer, data_dir, n_train, spec.seed, settings["max_length"],
-                               settings["prompt_style"])
-    prompts = None if spec.method in FORGET_FREE else forget_prompts(spec.forget, data_dir, settings["n_forget_prompts"])
+                               settings["prompt_style"], eval_dir)
+    prompts = None if spec.method in FORGET_FREE else forget_prompts(spec.forget, data_dir, settings["n_forget_prompts"],
+                                                                     eval_dir)
     args = _training_args(spec, settings, os.path.join(work_dir, spec.run_id), prompts)
     kwargs = dict(model=model, args=args, train_dataset=dataset, data_collator=LearningCollator(tokenizer.pad_token_id),
                   processing_class=tokenizer)
@@ -403,7 +411,7 @@ def run_one(spec: RunSpec, settings: dict[str, Any], data_dir: str, eval_data_di
                                                  settings["n_selfgen_eval"], settings["selfgen_max_new_tokens"],
                                                  cache, name)
         if spec.method != "base":
-            record["train"] = train(spec, model, tokenizer, settings, data_dir, work_dir)
+            record["train"] = train(spec, model, tokenizer, settings, data_dir, work_dir, eval_data_dir)
         whole = eval_data_dir is not None and os.path.abspath(eval_data_dir) != os.path.abspath(data_dir)
         start = time.perf_counter()
         common = dict(data_dir=eval_dir, batch_size=settings["eval_batch_size"], whole_files=whole,

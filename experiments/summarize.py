@@ -270,9 +270,14 @@ def _cell_stats(pairs, task: str, key: str, item_level: bool = True) -> dict[str
            "reference": statistics.mean(endpoints(b, task)[key][0] for _, b in pairs),
            "method_sd": _mean_std([endpoints(a, task)[key][0] for a, _ in pairs])[1],
            "seed": seed_tests(deltas), "hier": hierarchical_bootstrap(a_items, b_items)}
+    if key in ("acc", "acc_norm"):
+        out["tost"] = tost(deltas, TOST_BOUND)
     if item_level:
         out["item"] = paired_stats(a_items, b_items)
     return out
+
+
+TOST_BOUND = 0.03  # equivalence bound of a null result: ±3 points of accuracy
 
 
 def compare(runs: list[dict[str, Any]], methods: tuple[str, ...], reference: str = "vanilla",
@@ -350,6 +355,8 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
                 out[f"{prefix}_seed_{k}"] = v
             out[f"{prefix}_hier_low"], out[f"{prefix}_hier_high"], out[f"{prefix}_hier_p"] = (
                 st["hier"]["low"], st["hier"]["high"], st["hier"]["p"])
+            if "tost" in st:
+                out[f"{prefix}_tost_p"] = st["tost"]["p"]
             for k, v in st.get("item", {}).items():
                 out[f"{prefix}_item_{k}"] = v
     for task, st in r["selfgen_stats"].items():
@@ -404,8 +411,8 @@ def markdown_comparison(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) 
     bases = base_rows(runs)
     lines = ["| learning task | forgetting | method vs reference | seeds | endpoint | reference | method (± SD over seeds) "
              "| Δ per seed | Δ mean [95 % t CI over seeds] | p t-test (seeds) | p Wilcoxon (seeds) | p Holm "
-             "| hierarchical bootstrap 95 % CI, p | item-level (secondary): bootstrap p, sign p |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| hierarchical bootstrap 95 % CI, p | TOST ±3 pts p | item-level (secondary): bootstrap p, sign p |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for r in rows:
         learn = r["learn"]
@@ -414,7 +421,7 @@ def markdown_comparison(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) 
             e = endpoints(bases[learn], learn)
             for key in [k for k in ("acc", "acc_norm", "gold_logprob") if k in e]:
                 lines.append(f"| {learn} | - | **base** (untrained) | - | {key} | - | {_fmt(key, e[key][0])} "
-                             "| - | - | - | - | - | - | - |")
+                             "| - | - | - | - | - | - | - | - |")
         for key, st in r["learn_stats"].items():
             if key == "margin":
                 continue
@@ -428,6 +435,7 @@ def markdown_comparison(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) 
                 f"[{_fmt(key, sd['t_low'], True)}, {_fmt(key, sd['t_high'], True)}] | {_p(sd['p_t'])} "
                 f"| {_p(sd['p_wilcoxon'])} | {holm_p} | [{_fmt(key, st['hier']['low'], True)}, "
                 f"{_fmt(key, st['hier']['high'], True)}], {_p(st['hier']['p'])} "
+                f"| {_p(st['tost']['p']) if 'tost' in st else '-'} "
                 f"| {_p(item.get('p_bootstrap'))}, {_p(item.get('p_sign'))} |")
     return "\n".join(lines) + "\n"
 

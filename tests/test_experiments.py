@@ -109,6 +109,14 @@ def test_exact_duplicates_never_cross_splits(tmp_path):
             assert not train_stems & {task_utils.normalised_stem(d) for d in run.load_split(task, str(data), split)}
     assert "copy" not in set(run.load_split("sst5", str(data), "train")["id"])
     assert len(run.load_split("sst5", str(data), "train")) == 8
+    # a separate evaluation directory (--eval_data_dir) with the same file names: its items are never trained on
+    other = make_data(tmp_path / "other", n=3, tag="o")
+    before = run.load_split("dental", str(data), "train")
+    question = before[0]["question"]
+    _write(other / "dental" / "validation.jsonl", [{"id": "o1", "question": question.upper() + " ", "options": list("abcd"),
+                                                    "answer": 1}])
+    trained = run.load_split("dental", str(data), "train", str(other))
+    assert question not in trained["question"] and len(trained) == len(before) - 1
 
 
 def test_split_does_not_depend_on_which_rows_have_answers():
