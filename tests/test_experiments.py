@@ -26,21 +26,21 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def make_data(root: Path, n: int = 8, tag: str = "") -> Path:
     """Hand-made files for every task, in the schema of /work/shared/data."""
-    mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {i}?", "options": ["molar", "canine", "incisor", "premolar"],
+    mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {tag}{i}?", "options": ["molar", "canine", "incisor", "premolar"],
             "answer": i % 4, "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"} for i in range(n)]
     _write(root / "dental" / "validation.jsonl", mcq)
-    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {i}?")
+    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {tag}{i}?")
                                             for i, r in enumerate(mcq)])
-    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {i} .", "label": i % 5,
+    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {tag}{i} .", "label": i % 5,
                                              "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {i} .", "label": i % 5,
+    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {tag}{i} .", "label": i % 5,
                                             "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "sst5" / "dev.jsonl", [{"id": f"{tag}d{i}", "text": f"Sharp {i} .", "label": i % 5,
+    _write(root / "sst5" / "dev.jsonl", [{"id": f"{tag}d{i}", "text": f"Sharp {tag}{i} .", "label": i % 5,
                                           "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {i}?",
+    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {tag}{i}?",
                                           "choices": list("abcdefgh"), "choice_labels": list("ABCDEFGH"),
                                           "answerKey": "ABCDEFGH"[i % 8], "answer_index": i % 8} for i in range(n)])
-    gsm = [{"id": f"{tag}g{i}", "question": f"Tom has {i} apples and buys 2. How many?",
+    gsm = [{"id": f"{tag}g{i}", "question": f"Tom{tag} has {i} apples and buys 2. How many?",
             "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "final_answer": str(i + 2)} for i in range(n)]
     _write(root / "gsm8k" / "train.jsonl", gsm)
     _write(root / "gsm8k" / "test.jsonl", gsm)
