@@ -558,3 +558,18 @@ def test_mechanism_runs_score_the_swapped_label(tiny_setup, tmp_path):
     if "preconditioned" not in str(lwf_config.LWFConfig.__dataclass_fields__["lwf_unlearn_optimizer"].type):
         with pytest.raises(ValueError, match="lwf_unlearn_optimizer"):
             run._training_args(run.make_spec("sst2swap", "sst2orig", "lwf", 0), settings, str(tmp_path), {"x": ["q"]})
+
+
+def test_pilot_gate_on_hand_made_records():
+    from experiments.summarize import gate
+
+    def rec(method, seed, acc, share):
+        return {"run_id": f"{method}{seed}", "spec": {"learn": "sst5", "forget": "none", "method": method, "seed": seed},
+                "eval": {"sst5": {"score": acc, "max_pred_share": share, "items": []}}}
+    base = rec("base", 0, 0.40, 0.52)  # the base model's own collapse does not count
+    passing = gate([base, rec("vanilla", 0, 0.51, 0.45), rec("vanilla", 1, 0.52, 0.40), rec("vanilla", 2, 0.53, 0.30)])
+    assert passing["gain"] == pytest.approx(0.12) and passing["sd"] == pytest.approx(0.01)
+    assert passing["pass_gain"] and passing["pass_share"] and passing["pass_sd"] and passing["pass_weak"]
+    collapsed = gate([base, rec("vanilla", 0, 0.51, 0.45), rec("vanilla", 1, 0.58, 0.55)])
+    assert not collapsed["pass_share"] and not collapsed["pass_sd"]  # SD 4.9 points
+    assert not gate([base])["ready"]
