@@ -603,7 +603,7 @@ def gate_markdown(g: dict[str, Any]) -> str:
         f"- Vanilla accuracy per seed ({', '.join(map(str, g['seeds']))}): "
         f"{', '.join(_pct(a) for a in g['vanilla'])} %; base {_pct(g['base'])} %.\n"
         f"- Gain over base: {_pct(g['gain'], True)} points (gate ≥ +10: {'yes' if g['pass_gain'] else 'no'}); "
-        f"seed SD {_pct(g['sd'])} points (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
+        f"seed SD {100 * g['sd']:.2f} points (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
         f"a vanilla run {_pct(g['max_share'])} % (gate ≤ 50 %: {'yes' if g['pass_share'] else 'no'}).\n"
         f"- **Gate {verdict}.** Weaker gate of EVIDENCE.md (≥ +5 points, SD ≤ 2): "
         f"{'met' if g['pass_weak'] else 'not met'}.\n")
