@@ -672,7 +672,7 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
     if pilot:
         text, tables["pilot"] = section("pilot, dev", pilot, ("lwf", "lwf_random", "lwf_bottom"),
                                         against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
-        parts.append(text)
+        parts += [text, "\n![per-seed Δ of the primary endpoint, pilot](results_pilot.png)\n"]
     mech = sections.get("mechanism", [])
     parts += ["\n### Mechanism benchmark: swapped binary sentiment (`configs/mechanism.yaml`)\n",
               f"{len(mech)} run files in `experiments/results/mechanism/`. Primary endpoint: the gold (swapped) "
