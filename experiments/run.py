@@ -88,7 +88,17 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "lwf_max_new_tokens": 48,
     "lwf_generation_batch_size": 12,
     "lwf_unlearn_lr": 0.1,  # lwf_sgd only (optimizer_probe.py)
+    # the evidence design (configs/pilot.yaml, mechanism.yaml); the defaults keep the legacy grid as it ran
+    "eval_split": "test",        # "dev" for the pilot and every tuning decision; "test" once, in the confirmatory run
+    "prompt_style": "legacy",    # "plain": sst5 as `Review: {text}\nSentiment:` (EVIDENCE.md)
+    "n_selfgen_eval": 0,         # held-out self-generated answers scored per forgetting task (0: off)
+    "selfgen_eval": [],          # forgetting tasks whose held-out self-generated answers are scored
+    "selfgen_max_new_tokens": 32,
 }
+# Forgetting tasks that exist only as prompts (no lm-eval task): the mechanism benchmark's original question.
+PROMPT_ONLY_FORGET = ("sst2orig",)
+# sst2 training reviews (MD5 order, from the end) reserved for the forgetting prompts: never in a learning sample.
+SST2_FORGET_POOL = 500
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -98,24 +108,53 @@ def forget_tasks(forget: str) -> tuple[str, ...]:
         return ()
     names = FORGET_ALIASES.get(forget, tuple(forget.split("+")))
     for name in names:
-        if name not in task_utils.FILES:
-            raise ValueError(f"Unknown forgetting task {name!r}; choose from {', '.join(task_utils.FILES)} or mixed.")
+        if name not in task_utils.FILES and name not in PROMPT_ONLY_FORGET:
+            raise ValueError(f"Unknown forgetting task {name!r}; choose from "
+                             f"{', '.join((*task_utils.FILES, *PROMPT_ONLY_FORGET))} or mixed.")
     return names
 
 
-def load_split(task: str, data_dir: str, split: str):
-    """The ``train`` or ``test`` split of ``task`` from local JSON Lines, loaded with ``datasets``."""
+def _read_jsonl(path: str):
     from datasets import load_dataset
 
-    if task not in task_utils.FILES:
-        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(task_utils.FILES)}.")
-    path = os.path.join(data_dir, task_utils.FILES[task][0 if split == "train" else 1])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{task}: no data file {path} (see --data_dir).")
-    dataset = load_dataset("json", data_files=path, split="train")
-    if task in ("dental", "psychol"):
-        dataset = dataset.filter(lambda d: d["answer"] is not None)
-    return task_utils.split_docs(dataset, task, split)
+        raise FileNotFoundError(f"no data file {path} (see --data_dir / --eval_data_dir).")
+    return load_dataset("json", data_files=path, split="train")
+
+
+def load_split(task: str, data_dir: str, split: str, eval_dir: str | None = None):
+    """The ``train``, ``dev`` or ``test`` split of ``task`` from local JSON Lines, labelled rows only.
+
+    The training split drops every document whose normalised stem occurs in the dev or test split (exact
+    duplicates across files, such as the few sst5 sentences in both train and dev); shared files are cut by stem
+    group, so no stem is in two splits. With a separate ``eval_dir`` (``--eval_data_dir``), the training split also
+    drops every stem of that directory's dev and test files, which are then evaluated whole.
+    """
+    source = task_utils.source_task(task)
+    if source not in task_utils.FILES:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(task_utils.FILES)}.")
+    exclude: set[str] = set()
+    if split == "train":
+        for other in ("dev", "test"):
+            if task_utils.FILES[source][other] != task_utils.FILES[source]["train"]:
+                path = os.path.join(data_dir, task_utils.FILES[source][other])
+                if os.path.isfile(path):
+                    exclude.update(task_utils.group_key(d) for d in _read_jsonl(path))
+        if eval_dir is not None and os.path.abspath(eval_dir) != os.path.abspath(data_dir):
+            for other in ("dev", "test"):
+                path = os.path.join(eval_dir, task_utils.FILES[source][other])
+                if os.path.isfile(path):
+                    exclude.update(task_utils.group_key(d) for d in _read_jsonl(path))
+    dataset = _read_jsonl(os.path.join(data_dir, task_utils.FILES[source][split]))
+    docs = task_utils.split_docs(dataset, source, split, exclude_groups=exclude)
+    return task_utils.sst2_docs(docs) if source != task else docs
+
+
+def sst2_pools(data_dir: str, eval_dir: str | None = None):
+    """``(learning pool, forgetting pool)`` of sst2 training reviews: disjoint, the last SST2_FORGET_POOL for forgetting."""
+    docs = load_split("sst2swap", data_dir, "train", eval_dir)
+    n = len(docs) - min(SST2_FORGET_POOL, len(docs) // 2)
+    return docs.select(range(n)), docs.select(range(n, len(docs)))
 
 
 def encode_example(tokenizer, context: str, continuation: str, max_length: int, eos: bool) -> dict[str, list[int]]:
@@ -129,26 +168,104 @@ def encode_example(tokenizer, context: str, continuation: str, max_length: int, 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def learning_dataset(task: str, tokenizer, data_dir: str, n: int, seed: int, max_length: int):
+def learning_dataset(task: str, tokenizer, data_dir: str, n: int, seed: int, max_length: int,
+                     prompt_style: str = "legacy", eval_dir: str | None = None):
     """``n`` training examples of ``task`` drawn with ``seed``, formatted exactly as lm-eval scores them."""
     from datasets import Dataset
 
-    docs = load_split(task, data_dir, "train").shuffle(seed=seed)
+    docs = sst2_pools(data_dir, eval_dir)[0] if task == "sst2swap" else load_split(task, data_dir, "train", eval_dir)
+    docs = docs.shuffle(seed=seed)
     docs = docs.select(range(min(n, len(docs))))
-    rows = [encode_example(tokenizer, task_utils.DOC_TO_TEXT[task](d), " " + task_utils.target_text(task, d),
+    to_text = task_utils.doc_to_text(task, prompt_style)
+    delimiter = task_utils.TARGET_DELIMITER.get(task, " ")
+    rows = [encode_example(tokenizer, to_text(d), delimiter + task_utils.target_text(task, d),
                            max_length, eos=task == "gsm8k") for d in docs]
     return Dataset.from_list(rows)
 
 
-def forget_prompts(forget: str, data_dir: str, n_total: int) -> dict[str, list[str]]:
-    """The forgetting prompts, ``n_total`` split evenly over the tasks: questions of their *training* splits."""
+def _prompt_docs(task: str, data_dir: str, split: str, eval_dir: str | None = None):
+    if task == "sst2orig":
+        return sst2_pools(data_dir, eval_dir)[1] if split == "train" else load_split("sst2swap", data_dir, split)
+    return load_split(task, data_dir, split, eval_dir)
+
+
+def _user_prompt(task: str, doc) -> str:
+    return task_utils.sst2_user_message(doc) if task == "sst2orig" else task_utils.DOC_TO_TEXT[task](doc)
+
+
+def forget_prompts(forget: str, data_dir: str, n_total: int, eval_dir: str | None = None) -> dict[str, list[str]]:
+    """The forgetting prompts, ``n_total`` split evenly over the tasks: questions of their *training* splits.
+
+    ``sst2orig`` (the mechanism benchmark) takes the binary sentiment question on training reviews reserved for it
+    (never in a learning sample); the self-generation step wraps each prompt in the chat template.
+    """
     tasks = forget_tasks(forget)
     per_task = max(1, n_total // len(tasks))
     prompts = {}
     for task in tasks:
-        docs = load_split(task, data_dir, "train")
-        prompts[task] = [task_utils.DOC_TO_TEXT[task](docs[i]) for i in range(min(per_task, len(docs)))]
+        docs = _prompt_docs(task, data_dir, "train", eval_dir)
+        prompts[task] = [_user_prompt(task, docs[i]) for i in range(min(per_task, len(docs)))]
     return prompts
+
+
+def selfgen_eval_set(model, tokenizer, task: str, data_dir: str, split: str, n: int, max_new_tokens: int,
+                     cache_dir: str, model_name: str) -> dict[str, Any]:
+    """The untrained model's greedy answers to ``n`` held-out prompts of ``task`` (its ``split``, never in D_self).
+
+    Generated once per (model, task, split, n) and cached as JSON under ``cache_dir`` (doc ids and the answers'
+    token ids; the prompts are rebuilt from the data), so every run scores the same answers.
+    """
+    from hf_lwf.method.selfgen import generate_responses, generation_mode
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    path = os.path.join(cache_dir, f"{safe}__{task}__{split}__n{n}__t{max_new_tokens}.json")
+    docs = _prompt_docs(task, data_dir, split)
+    docs = docs.select(range(min(n, len(docs))))
+    prompt_ids = [encode_prompt_ids(tokenizer, _user_prompt(task, d)) for d in docs]
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached["doc_ids"] != [str(d["id"]) for d in docs]:
+            raise ValueError(f"{path} was generated from other documents; delete it to regenerate.")
+        return dict(cached, prompt_ids=prompt_ids)
+    responses = []
+    with generation_mode(model, tokenizer):
+        for start in range(0, len(prompt_ids), 8):
+            responses += generate_responses(model, tokenizer, prompt_ids[start:start + 8],
+                                            max_new_tokens=max_new_tokens, temperature=0.0)
+    record = {"model": model_name, "task": task, "split": split, "doc_ids": [str(d["id"]) for d in docs],
+              "response_ids": responses, "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses]}
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return dict(record, prompt_ids=prompt_ids)
+
+
+def encode_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    from hf_lwf.method.selfgen import encode_prompt
+
+    return encode_prompt(tokenizer, prompt)
+
+
+@torch.no_grad()
+def answer_logliks(model, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float | None]:
+    """Mean per-token log-likelihood of each response given its prompt, one sequence at a time (no padding)."""
+    was_training = model.training
+    model.eval()
+    out: list[float | None] = []
+    try:
+        for prompt, response in zip(prompt_ids, response_ids):
+            if not response:
+                out.append(None)
+                continue
+            device = next(model.parameters()).device
+            ids = torch.tensor([list(prompt) + list(response)], device=device)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(response, device=device)[:, None])
+            out.append(float(logp.mean()))
+    finally:
+        model.train(was_training)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -167,8 +284,8 @@ class RunSpec:
 def make_spec(learn: str, forget: str, method: str, seed: int) -> RunSpec:
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    if learn not in task_utils.FILES:
-        raise ValueError(f"Unknown learning task {learn!r}; choose from {', '.join(task_utils.FILES)}.")
+    if learn not in task_utils.DOC_TO_TEXT:
+        raise ValueError(f"Unknown learning task {learn!r}; choose from {', '.join(task_utils.DOC_TO_TEXT)}.")
     if method in FORGET_FREE:
         forget = "none"
     elif forget == "none":
@@ -204,7 +321,7 @@ def _training_args(spec: RunSpec, settings: dict[str, Any], output_dir: str, pro
         max_steps=settings["max_steps"], per_device_train_batch_size=settings["batch_size"],
         learning_rate=settings["learning_rate"], warmup_steps=settings["warmup_steps"],
         lr_scheduler_type=settings["lr_scheduler_type"], weight_decay=settings["weight_decay"],
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         seed=spec.seed, data_seed=spec.seed, dataloader_pin_memory=False,
     )
     if spec.method in FORGET_FREE:
@@ -218,7 +335,8 @@ def _training_args(spec: RunSpec, settings: dict[str, Any], output_dir: str, pro
     return LWFTrainingArguments(output_dir, **common, **lwf, lwf_forget_prompts=prompts, lwf_seed=spec.seed)
 
 
-def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: str, work_dir: str) -> dict[str, Any]:
+def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: str, work_dir: str,
+          eval_dir: str | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place with the run's method; return what to record about training."""
     from transformers import Trainer
 
@@ -228,8 +346,10 @@ def train(spec: RunSpec, model, tokenizer, settings: dict[str, Any], data_dir: s
     from hf_lwf.app.report import lwf_summary
 
     n_train = settings["max_steps"] * settings["batch_size"]
-    dataset = learning_dataset(spec.learn, tokenizer, data_dir, n_train, spec.seed, settings["max_length"])
-    prompts = None if spec.method in FORGET_FREE else forget_prompts(spec.forget, data_dir, settings["n_forget_prompts"])
+    dataset = learning_dataset(spec.learn, tokenizer, data_dir, n_train, spec.seed, settings["max_length"],
+                               settings["prompt_style"], eval_dir)
+    prompts = None if spec.method in FORGET_FREE else forget_prompts(spec.forget, data_dir, settings["n_forget_prompts"],
+                                                                     eval_dir)
     args = _training_args(spec, settings, os.path.join(work_dir, spec.run_id), prompts)
     kwargs = dict(model=model, args=args, train_dataset=dataset, data_collator=LearningCollator(tokenizer.pad_token_id),
                   processing_class=tokenizer)
@@ -276,23 +396,40 @@ def run_one(spec: RunSpec, settings: dict[str, Any], data_dir: str, eval_data_di
         base_model, tokenizer, name = loaded
         model = copy.deepcopy(base_model)
     torch.manual_seed(spec.seed)
+    task_utils.set_chat_tokenizer(tokenizer)
     work_dir = work_dir or tempfile.mkdtemp(prefix="hf_lwf_exp_")
     record: dict[str, Any] = {"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "model": name,
                               "settings": settings, "data_dir": os.path.abspath(data_dir),
                               "eval_data_dir": os.path.abspath(eval_data_dir or data_dir)}
     try:
-        if spec.method != "base":
-            record["train"] = train(spec, model, tokenizer, settings, data_dir, work_dir)
         eval_dir = eval_data_dir or data_dir
+        selfgen = {}
+        if settings["n_selfgen_eval"]:  # from the untrained weights, before training (cached after the first run)
+            cache = os.path.join(results_dir, "selfgen_eval")
+            for task in settings["selfgen_eval"]:
+                selfgen[task] = selfgen_eval_set(model, tokenizer, task, eval_dir, settings["eval_split"],
+                                                 settings["n_selfgen_eval"], settings["selfgen_max_new_tokens"],
+                                                 cache, name)
+        if spec.method != "base":
+            record["train"] = train(spec, model, tokenizer, settings, data_dir, work_dir, eval_data_dir)
         whole = eval_data_dir is not None and os.path.abspath(eval_data_dir) != os.path.abspath(data_dir)
         start = time.perf_counter()
         common = dict(data_dir=eval_dir, batch_size=settings["eval_batch_size"], whole_files=whole,
-                      max_gen_toks=settings["gsm8k_max_gen_toks"], seed=spec.seed)
+                      max_gen_toks=settings["gsm8k_max_gen_toks"], seed=spec.seed, split=settings["eval_split"],
+                      prompt_style=settings["prompt_style"])
         scores = evaluate(model, tokenizer, [spec.learn], limit=settings["n_eval_learn"], **common)
         others = [t for t in settings["forget_eval"] if t != spec.learn]
         if others:
             scores.update(evaluate(model, tokenizer, others, limit=settings["n_eval_forget"], **common))
         record["eval"] = scores
+        if selfgen:
+            record["selfgen_eval"] = {}
+            for task, data in selfgen.items():
+                lls = answer_logliks(model, data["prompt_ids"], data["response_ids"])
+                valid = [x for x in lls if x is not None]
+                record["selfgen_eval"][task] = {
+                    "metric": "mean per-token log-likelihood of the untrained model's greedy answers (held-out prompts)",
+                    "score": sum(valid) / max(len(valid), 1), "items": lls, "doc_ids": data["doc_ids"]}
         record["eval_seconds"] = time.perf_counter() - start
     finally:
         shutil.rmtree(os.path.join(work_dir, spec.run_id), ignore_errors=True)
@@ -342,15 +479,23 @@ def load_config(path: str) -> dict[str, Any]:
 
 def grid_specs(grid: list[dict[str, Any]]) -> list[RunSpec]:
     """Runs of a grid in priority order: block by block, cell by cell, seed by seed, then method; no duplicates."""
+    return [spec for spec, _ in grid_plan(grid)]
+
+
+def grid_plan(grid: list[dict[str, Any]]) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """``(run, the block's own settings)`` in priority order; a block may carry ``settings`` that override the config's."""
     specs, seen = [], set()
     for block in grid:
+        unknown = set(block) - {"learn", "forget", "methods", "seeds", "settings"}
+        if unknown:
+            raise ValueError(f"grid block {block}: unknown keys {sorted(unknown)}.")
         for learn, forget in itertools.product(block["learn"], block.get("forget", ["none"])):
             for seed in block["seeds"]:
                 for method in block["methods"]:
                     spec = make_spec(learn, forget, method, seed)
                     if spec not in seen:
                         seen.add(spec)
-                        specs.append(spec)
+                        specs.append((spec, block.get("settings") or {}))
     return specs
 
 
@@ -362,6 +507,11 @@ def merged_settings(config_settings: dict[str, Any] | None, overrides: list[str]
             if key not in settings and not key.startswith("lwf_"):
                 raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(settings))} and lwf_* fields.")
             settings[key] = value
+    if settings["eval_split"] not in ("dev", "test"):
+        raise ValueError(f"Setting eval_split must be 'dev' or 'test', got {settings['eval_split']!r}.")
+    if settings["prompt_style"] not in task_utils.PROMPT_STYLES:
+        raise ValueError(f"Setting prompt_style must be one of {task_utils.PROMPT_STYLES}, got "
+                         f"{settings['prompt_style']!r}.")
     return settings
 
 
@@ -430,11 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = merged_settings(config.get("settings"), args.set)
     model_name = args.model or config.get("model")
     if args.learn:  # one cell; a --config then only supplies the model and settings
-        specs = grid_specs([{"learn": [args.learn], "forget": [args.forget], "methods": args.method, "seeds": args.seed}])
+        plan = grid_plan([{"learn": [args.learn], "forget": [args.forget], "methods": args.method, "seeds": args.seed}])
     elif args.config:
-        specs = grid_specs(config.get("grid") or [])
+        plan = grid_plan(config.get("grid") or [])
     else:
         parser.error("give --config or --learn")
+    run_settings = {spec: merged_settings({**(config.get("settings") or {}), **block}, args.set) for spec, block in plan}
+    specs = [spec for spec, _ in plan]
     pending = [s for s in specs if not os.path.isfile(os.path.join(args.results_dir, f"{s.run_id}.json"))]
     print(f"[experiments] {len(specs)} runs, {len(specs) - len(pending)} finished, {len(pending)} pending", flush=True)
     if args.dry_run:
@@ -455,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         print(f"[experiments] {i + 1}/{len(pending)} {spec.run_id} ...", flush=True)
         try:
-            record = run_one(spec, settings, args.data_dir, args.eval_data_dir, args.results_dir, loaded=loaded)
+            record = run_one(spec, run_settings[spec], args.data_dir, args.eval_data_dir, args.results_dir,
+                             loaded=loaded)
         finally:
             os.remove(os.path.join(args.results_dir, f"{spec.run_id}.lock"))
         scores = ", ".join(f"{k} {v['score']:.3f}" for k, v in record["eval"].items())

@@ -26,19 +26,21 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def make_data(root: Path, n: int = 8, tag: str = "") -> Path:
     """Hand-made files for every task, in the schema of /work/shared/data."""
-    mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {i}?", "options": ["molar", "canine", "incisor", "premolar"],
+    mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {tag}{i}?", "options": ["molar", "canine", "incisor", "premolar"],
             "answer": i % 4, "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"} for i in range(n)]
     _write(root / "dental" / "validation.jsonl", mcq)
-    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {i}?")
+    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {tag}{i}?")
                                             for i, r in enumerate(mcq)])
-    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {i} .", "label": i % 5,
+    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {tag}{i} .", "label": i % 5,
                                              "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {i} .", "label": i % 5,
+    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {tag}{i} .", "label": i % 5,
                                             "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {i}?",
+    _write(root / "sst5" / "dev.jsonl", [{"id": f"{tag}d{i}", "text": f"Sharp {tag}{i} .", "label": i % 5,
+                                          "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
+    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {tag}{i}?",
                                           "choices": list("abcdefgh"), "choice_labels": list("ABCDEFGH"),
                                           "answerKey": "ABCDEFGH"[i % 8], "answer_index": i % 8} for i in range(n)])
-    gsm = [{"id": f"{tag}g{i}", "question": f"Tom has {i} apples and buys 2. How many?",
+    gsm = [{"id": f"{tag}g{i}", "question": f"Tom{tag} has {i} apples and buys 2. How many?",
             "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "final_answer": str(i + 2)} for i in range(n)]
     _write(root / "gsm8k" / "train.jsonl", gsm)
     _write(root / "gsm8k" / "test.jsonl", gsm)
@@ -68,14 +70,64 @@ def test_gsm8k_process_results():
 def test_hash_split_is_disjoint_deterministic_and_order_free():
     from datasets import Dataset
 
-    rows = [{"id": f"x{i}", "v": i} for i in range(700)]
+    rows = [{"id": f"x{i}", "question": f"q {i}", "answer": 0} for i in range(700)]
     ds = Dataset.from_list(rows)
     test = task_utils.split_docs(ds, "dental", "test")
+    dev = task_utils.split_docs(ds, "dental", "dev")
     train = task_utils.split_docs(ds, "dental", "train")
-    assert len(test) == 300 and len(train) == 400
-    assert not set(test["id"]) & set(train["id"])
+    assert (len(test), len(dev), len(train)) == (300, 150, 250)
+    assert not set(test["id"]) & set(train["id"]) and not set(dev["id"]) & set(train["id"])
+    assert not set(test["id"]) & set(dev["id"])
     shuffled = task_utils.split_docs(ds.shuffle(seed=1), "dental", "test")
     assert shuffled["id"] == test["id"]
+
+
+def test_qasc_split_by_normalised_stem():
+    from datasets import Dataset
+
+    # 100 stems, each asked 3 times with different options and spelling ("What boils?" / "what  BOILS")
+    rows = [{"id": f"c{i}-{k}", "question": [f"What boils {i}?", f"what  BOILS {i}", f"What boils {i} ?"][k],
+             "choices": list("abcdefgh"), "answer_index": k} for i in range(100) for k in range(3)]
+    ds = Dataset.from_list(rows)
+    stems = {s: {task_utils.normalised_stem(d) for d in task_utils.split_docs(ds, "qasc", s)}
+             for s in ("train", "dev", "test")}
+    assert stems["train"] and stems["dev"] and stems["test"]
+    assert not stems["train"] & stems["test"] and not stems["train"] & stems["dev"] and not stems["dev"] & stems["test"]
+    assert sum(len(task_utils.split_docs(ds, "qasc", s)) for s in ("train", "dev", "test")) == 300
+
+
+def test_exact_duplicates_never_cross_splits(tmp_path):
+    data = make_data(tmp_path / "data", n=8)
+    # psychol: a duplicate of every question under another id; sst5: a dev sentence copied into train
+    rows = [json.loads(x) for x in (data / "psychol" / "test.jsonl").read_text().splitlines()]
+    _write(data / "psychol" / "test.jsonl", rows + [dict(r, id=r["id"] + "dup") for r in rows])
+    train = [json.loads(x) for x in (data / "sst5" / "train.jsonl").read_text().splitlines()]
+    _write(data / "sst5" / "train.jsonl", train + [{"id": "copy", "text": "sharp 3", "label": 3, "label_text": "x"}])
+    for task in ("psychol", "sst5"):
+        train_stems = {task_utils.normalised_stem(d) for d in run.load_split(task, str(data), "train")}
+        for split in ("dev", "test"):
+            assert not train_stems & {task_utils.normalised_stem(d) for d in run.load_split(task, str(data), split)}
+    assert "copy" not in set(run.load_split("sst5", str(data), "train")["id"])
+    assert len(run.load_split("sst5", str(data), "train")) == 8
+    # a separate evaluation directory (--eval_data_dir) with the same file names: its items are never trained on
+    other = make_data(tmp_path / "other", n=3, tag="o")
+    before = run.load_split("dental", str(data), "train")
+    question = before[0]["question"]
+    _write(other / "dental" / "validation.jsonl", [{"id": "o1", "question": question.upper() + " ", "options": list("abcd"),
+                                                    "answer": 1}])
+    trained = run.load_split("dental", str(data), "train", str(other))
+    assert question not in trained["question"] and len(trained) == len(before) - 1
+
+
+def test_split_does_not_depend_on_which_rows_have_answers():
+    from datasets import Dataset
+
+    rows = [{"id": f"x{i}", "question": f"q {i}", "answer": i % 4} for i in range(900)]
+    full = {s: task_utils.split_docs(Dataset.from_list(rows), "dental", s)["id"] for s in ("train", "dev", "test")}
+    unlabelled = {f"x{i}" for i in range(0, 900, 7)}
+    partial = Dataset.from_list([dict(r, answer=None) if r["id"] in unlabelled else r for r in rows])
+    for split, ids in full.items():
+        assert task_utils.split_docs(partial, "dental", split)["id"] == [i for i in ids if i not in unlabelled]
 
 
 # ------------------------------------------------------------------------------------------ task YAMLs
@@ -90,7 +142,7 @@ def test_yaml_multiple_choice_tasks_on_hand_made_files(tmp_path):
     data = make_data(tmp_path / "data", n=8)
     dental = _build("dental", data)
     docs = list(dental.test_docs())
-    assert len(docs) == 4  # the MD5-first half of 8 items (300 on real data)
+    assert len(docs) == 2  # a quarter of 8 items in a tiny file (300 test, 150 dev on real data)
     doc = docs[0]
     options = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(doc["options"]))
     assert dental.doc_to_text(doc) == f"Question: {doc['question']}\n{options}\nAnswer:"
@@ -108,6 +160,18 @@ def test_yaml_multiple_choice_tasks_on_hand_made_files(tmp_path):
     assert not train_ids & {d["id"] for d in qasc.test_docs()}
     # a separate evaluation directory: every item of its file is evaluated
     assert len(list(_build("dental", data, whole=True).test_docs())) == 8
+    # the dev split: sst5's own dev file; dental's dev cut, disjoint from its test and training splits
+    from lm_eval.tasks import TaskManager
+
+    def build_dev(task, style="legacy"):
+        config = evaluation.task_config(task, str(data), split="dev", prompt_style=style)
+        return TaskManager(include_defaults=False).load([config])["tasks"][f"lwf_{task}"]
+    dev_ids = {d["id"] for d in build_dev("dental").test_docs()}
+    assert len(dev_ids) == 2 and not dev_ids & {d["id"] for d in docs}
+    assert not dev_ids & set(run.load_split("dental", str(data), "train")["id"])
+    sst5_dev = build_dev("sst5", "plain")
+    sdoc = list(sst5_dev.test_docs())[0]
+    assert sdoc["id"].startswith("d") and sst5_dev.doc_to_text(sdoc) == f"Review: {sdoc['text']}\nSentiment:"
 
 
 def test_yaml_gsm8k_is_generate_until_with_final_number_scoring(tmp_path):
@@ -143,6 +207,12 @@ def test_choice_stats_hand_computed():
     assert stats["gold_probs"][0] == pytest.approx(0.25)
     assert stats["gold_probs"][1] == pytest.approx(1 / (1 + math.exp(-2)))
     assert stats["pred_counts"] == {"0": 1, "1": 1}
+    # the primary endpoint: log p(gold | choices); the margin: ll(gold) - best other
+    assert stats["gold_logprobs"][0] == pytest.approx(math.log(0.25))
+    assert stats["gold_logprobs"][1] == pytest.approx(-math.log1p(math.exp(-2)))
+    assert stats["mean_gold_logprob"] == pytest.approx((math.log(0.25) - math.log1p(math.exp(-2))) / 2)
+    assert stats["margins"] == pytest.approx([math.log(0.25) - math.log(0.5), 2.0])
+    assert stats["max_pred_share"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -283,20 +353,30 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     from experiments import summarize
 
     root, data, model_dir = tiny_setup
-    settings = run.merged_settings(TINY, [])
+    settings = run.merged_settings(dict(TINY, eval_split="dev", prompt_style="plain", lr_scheduler_type="constant",
+                                        n_selfgen_eval=2, selfgen_eval=["dental"], selfgen_max_new_tokens=3), [])
     results = tmp_path / "res"
     for method, forget, seed in (("vanilla", "none", 0), ("vanilla", "none", 1), ("lwf", "dental", 0),
                                  ("lwf", "dental", 1), ("base", "none", 0)):
-        run.run_one(run.make_spec("sst5", forget, method, seed), settings, str(data), None, str(results / "runs"),
+        run.run_one(run.make_spec("sst5", forget, method, seed), settings, str(data), None, str(results / "pilot"),
                     model_name=model_dir, work_dir=str(root / "work"))
+    record = json.loads((results / "pilot" / "sst5__none__vanilla__s0.json").read_text())
+    assert all(d.startswith("d") for d in record["eval"]["sst5"]["doc_ids"])  # the dev file, never test
+    assert len(record["eval"]["sst5"]["gold_logprobs"]) == 3 and "acc_norm" in record["eval"]["sst5"]
+    assert len(record["selfgen_eval"]["dental"]["items"]) == 2 and record["cpu_seconds"] > 0
+    assert {e["learning_rate"] for e in record["train"]["log_history"] if "learning_rate" in e} == {1e-3}
+    cached = list((results / "pilot" / "selfgen_eval").iterdir())
+    assert len(cached) == 1  # generated once from the untrained model, reused by every run
     docs = tmp_path / "results.md"
     docs.write_text("# Results\n\nhand-written text stays\n")
     assert summarize.main(["--results_dir", str(results), "--docs", str(docs)]) == 0
-    main_csv = (results / "main.csv").read_text().splitlines()
-    assert len(main_csv) == 2 and main_csv[1].startswith("sst5,dental,lwf,2,")
+    rows = (results / "pilot.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 + 1  # vanilla and lwf against base, lwf against vanilla
+    assert any(r.startswith("sst5,dental,lwf,vanilla,2,gold_logprob") for r in rows)
     text = docs.read_text()
     assert "hand-written text stays" in text and summarize.BEGIN in text and "sst5__dental__lwf__s1" in text
-    assert (tmp_path / "results_delta.png").exists()
+    assert "**base** (untrained)" in text and "Gate" in text
+    assert (tmp_path / "results_pilot.png").exists()
 
 
 def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):
@@ -317,3 +397,181 @@ def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):
         assert step["update_norm"] > 0 and -1 <= step["cos_ascent_direction"] <= 1
     # plain SGD moves exactly along the (clipped) ascent direction
     assert options[3]["steps"][0]["cos_ascent_direction"] == pytest.approx(1.0, abs=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ seed-level statistics
+def test_seed_tests_match_scipy_paired_and_exact_wilcoxon():
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    method = np.array([0.52, 0.47, 0.50, 0.55, 0.49])
+    vanilla = np.array([0.48, 0.46, 0.47, 0.50, 0.48])
+    from experiments.summarize import seed_tests
+
+    out = seed_tests(method - vanilla)
+    d = [0.04, 0.01, 0.03, 0.05, 0.01]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    assert out["mean"] == pytest.approx(mean) and out["sd"] == pytest.approx(sd)
+    assert out["p_t"] == pytest.approx(stats.ttest_rel(method, vanilla).pvalue)  # the paired test on the two arms
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, df 4) from a table
+    assert (out["t_low"], out["t_high"]) == pytest.approx((mean - half, mean + half))
+    # five positive differences: exact two-sided signed-rank p = 2 / 2**5; three: 2 / 2**3
+    assert out["p_wilcoxon"] == pytest.approx(2 / 32)
+    assert seed_tests([0.01, 0.02, 0.03])["p_wilcoxon"] == pytest.approx(0.25)
+    assert math.isnan(seed_tests([0.1])["p_t"])
+
+
+def test_holm_textbook_example():
+    from experiments.summarize import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, float("nan")])[0] == 0.5
+
+
+def _slow_hierarchical_bootstrap(diff, n_boot, seed):
+    import random
+
+    rng = random.Random(seed)
+    n_seeds, n_items = len(diff), len(diff[0])
+    means = []
+    for _ in range(n_boot):
+        total = 0.0
+        for _ in range(n_seeds):
+            row = diff[rng.randrange(n_seeds)]
+            total += sum(row[rng.randrange(n_items)] for _ in range(n_items)) / n_items
+        means.append(total / n_seeds)
+    means.sort()
+    return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
+
+
+def test_hierarchical_bootstrap_against_a_slow_reference():
+    import numpy as np
+
+    from experiments.summarize import hierarchical_bootstrap, paired_stats
+
+    rng = np.random.default_rng(1)
+    # three seeds whose whole item set shifts together (+6, -2, +1 points) plus item noise
+    shift = np.array([0.06, -0.02, 0.01])[:, None]
+    b = rng.integers(0, 2, size=(3, 40)).astype(float)
+    a = np.clip(b + shift + rng.normal(0, 0.05, size=(3, 40)), -1, 2)
+    fast = hierarchical_bootstrap(a, b, n_boot=4000, seed=0)
+    low, high = _slow_hierarchical_bootstrap((a - b).tolist(), 4000, 0)
+    assert fast["mean"] == pytest.approx((a - b).mean())
+    assert fast["low"] == pytest.approx(low, abs=0.006) and fast["high"] == pytest.approx(high, abs=0.006)
+    # the item bootstrap with seeds held fixed ignores the seed variance: its interval is much narrower
+    item = paired_stats(a, b, n_boot=4000)
+    assert (fast["high"] - fast["low"]) > 2 * (item["ci_high"] - item["ci_low"])
+    const = hierarchical_bootstrap(b + 0.1, b, n_boot=200)
+    assert const["low"] == pytest.approx(0.1) and const["high"] == pytest.approx(0.1) and const["p"] == 0.0
+
+
+def test_power_and_seeds_needed_match_published_values():
+    from experiments.summarize import paired_t_power, seeds_needed
+
+    # G*Power, one-sample/paired t, two-sided alpha 0.05, power 0.8: d = 1 -> n = 10 (0.803), d = 0.5 -> n = 34 (0.808)
+    assert seeds_needed(1.0, 1.0) == 10
+    assert paired_t_power(10, 1.0, 1.0) == pytest.approx(0.803, abs=0.002)
+    assert seeds_needed(0.5, 1.0) == 34
+    assert paired_t_power(34, 0.5, 1.0) == pytest.approx(0.808, abs=0.002)
+    with pytest.raises(ValueError, match="positive"):
+        seeds_needed(0.03, 0.0)
+
+
+def test_tost_against_two_scipy_one_sided_tests():
+    import numpy as np
+    from scipy import stats
+
+    from experiments.summarize import tost
+
+    d = np.array([0.01, -0.01, 0.0, 0.02, -0.02])
+    out = tost(d, 0.03)
+    lower = stats.ttest_1samp(d, -0.03, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, 0.03, alternative="less").pvalue
+    assert out["p"] == pytest.approx(max(lower, upper)) and out["p"] < 0.05  # equivalent within ±3 points
+    assert tost(d + 0.05, 0.03)["p"] > 0.5  # a shifted effect is not equivalent
+
+
+def test_stale_runs_are_detected_by_their_self_generated_texts():
+    from experiments.summarize import stale_runs
+
+    def rec(run_id, method, texts):
+        return {"run_id": run_id, "spec": {"learn": "sst5", "forget": "dental", "method": method, "seed": 0},
+                "train": {"lwf": {"forgotten": [{"index": i, "text": t} for i, t in texts.items()]}}}
+    runs = [rec("all", "ga_all", {0: "A", 1: "B", 2: "C"}), rec("same", "lwf", {1: "B"}),
+            rec("old", "lwf", {1: "X"})]
+    assert stale_runs(runs) == ["old"]
+
+
+def test_mechanism_task_swaps_labels_in_the_chat_format(tiny_setup):
+    _, data, model_dir = tiny_setup
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    task_utils.set_chat_tokenizer(tok)
+    positive = {"id": "p", "text": "Great fun .", "label": 4}
+    negative = {"id": "n", "text": "Awful .", "label": 0}
+    assert task_utils.target_text("sst2swap", positive) == "negative"
+    assert task_utils.target_text("sst2swap", negative) == "positive"
+    text = task_utils.sst2_doc_to_text(positive)
+    assert text == tok.apply_chat_template([{"role": "user", "content": task_utils.sst2_user_message(positive)}],
+                                           tokenize=False, add_generation_prompt=True)
+    learn, forget = run.sst2_pools(str(data))
+    assert not set(learn["id"]) & set(forget["id"]) and 2 not in set(learn["label"]) | set(forget["label"])
+    prompts = run.forget_prompts("sst2orig", str(data), 2)["sst2orig"]
+    assert prompts == [task_utils.sst2_user_message(forget[i]) for i in range(len(prompts))]
+
+
+def test_answer_logliks_against_plain_autograd(tiny_setup):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, model_dir = tiny_setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompts, responses = [[1, 5, 7], [2, 9]], [[4, 6], [8]]
+    got = run.answer_logliks(model, prompts, responses + [])
+    for p, r, value in zip(prompts, responses, got):
+        logits = model(input_ids=torch.tensor([p + r])).logits[0]
+        ref = sum(torch.log_softmax(logits[len(p) - 1 + k], -1)[tok].item() for k, tok in enumerate(r)) / len(r)
+        assert value == pytest.approx(ref, abs=1e-5)
+    assert run.answer_logliks(model, [[1]], [[]]) == [None]
+
+
+def test_mechanism_runs_score_the_swapped_label(tiny_setup, tmp_path):
+    root, data, model_dir = tiny_setup
+    config = run.load_config(str(run.REPO / "experiments" / "configs" / "mechanism.yaml"))
+    settings = run.merged_settings({**config["settings"], **{k: TINY[k] for k in ("max_steps", "batch_size",
+                                    "learning_rate", "max_length", "eval_batch_size")},
+                                    "n_eval_learn": 4, "n_selfgen_eval": 2, "n_forget_prompts": 2}, [])
+    for method in ("base", "vanilla"):
+        record = run.run_one(run.make_spec("sst2swap", "none", method, 0), settings, str(data), None,
+                             str(tmp_path), model_name=model_dir, work_dir=str(root / "work"))
+        e = record["eval"]["sst2swap"]
+        docs = {d["id"]: d for d in (json.loads(x) for x in (data / "sst5" / "dev.jsonl").read_text().splitlines())}
+        assert e["doc_ids"] and all(docs[i]["label"] != 2 for i in e["doc_ids"])  # dev file, no neutral
+        assert e["targets"] == [task_utils.sst2swap_target(docs[i]) for i in e["doc_ids"]]
+        assert set(record["selfgen_eval"]) == {"sst2orig"} and len(record["selfgen_eval"]["sst2orig"]["items"]) == 2
+    # the lwf cells name the preconditioned ascent, which this branch does not have yet: refused, by name
+    from hf_lwf import config as lwf_config
+
+    if "preconditioned" not in str(lwf_config.LWFConfig.__dataclass_fields__["lwf_unlearn_optimizer"].type):
+        with pytest.raises(ValueError, match="lwf_unlearn_optimizer"):
+            run._training_args(run.make_spec("sst2swap", "sst2orig", "lwf", 0), settings, str(tmp_path), {"x": ["q"]})
+
+
+def test_pilot_gate_on_hand_made_records():
+    from experiments.summarize import gate
+
+    def rec(method, seed, acc, share):
+        return {"run_id": f"{method}{seed}", "spec": {"learn": "sst5", "forget": "none", "method": method, "seed": seed},
+                "eval": {"sst5": {"score": acc, "max_pred_share": share, "items": []}}}
+    base = rec("base", 0, 0.40, 0.52)  # the base model's own collapse does not count
+    passing = gate([base, rec("vanilla", 0, 0.51, 0.45), rec("vanilla", 1, 0.52, 0.40), rec("vanilla", 2, 0.53, 0.30)])
+    assert passing["gain"] == pytest.approx(0.12) and passing["sd"] == pytest.approx(0.01)
+    assert passing["pass_gain"] and passing["pass_share"] and passing["pass_sd"] and passing["pass_weak"]
+    collapsed = gate([base, rec("vanilla", 0, 0.51, 0.45), rec("vanilla", 1, 0.58, 0.55)])
+    assert not collapsed["pass_share"] and not collapsed["pass_sd"]  # SD 4.9 points
+    assert not gate([base])["ready"]

@@ -14,38 +14,120 @@ from typing import Any
 
 
 SST5_LABELS = ["very negative", "negative", "neutral", "positive", "very positive"]
-TEST_SIZE = {"qasc": 200, "dental": 300, "psychol": 300}
-# (training file, evaluation file) under the data directory; the same file means a hash split of it.
+SPLITS = ("train", "dev", "test")
+# The data file of each split under the data directory. Splits that share a file are carved out of it by group
+# (see split_docs): test first, then dev, then train gets the rest. sst5 has its own dev and test files.
 FILES = {
-    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"),
-    "sst5": ("sst5/train.jsonl", "sst5/test.jsonl"),
-    "qasc": ("qasc/dev.jsonl", "qasc/dev.jsonl"),
-    "dental": ("dental/validation.jsonl", "dental/validation.jsonl"),
-    "psychol": ("psychol/test.jsonl", "psychol/test.jsonl"),
+    "gsm8k": {"train": "gsm8k/train.jsonl", "dev": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+    "sst5": {"train": "sst5/train.jsonl", "dev": "sst5/dev.jsonl", "test": "sst5/test.jsonl"},
+    "qasc": {"train": "qasc/dev.jsonl", "dev": "qasc/dev.jsonl", "test": "qasc/dev.jsonl"},
+    "dental": {"train": "dental/validation.jsonl", "dev": "dental/validation.jsonl", "test": "dental/validation.jsonl"},
+    "psychol": {"train": "psychol/test.jsonl", "dev": "psychol/test.jsonl", "test": "psychol/test.jsonl"},
 }
+# Items carved out of a shared file for the evaluation splits (at least; a group is never cut).
+SPLIT_SIZE = {"gsm8k": {"dev": 300}, "qasc": {"test": 200, "dev": 100}, "dental": {"test": 300, "dev": 150},
+              "psychol": {"test": 300, "dev": 150}}
+# Tasks derived from another task's files: the mechanism benchmark reads sst5's files.
+SOURCE = {"sst2swap": "sst5"}
 LETTERS = "ABCDEFGH"
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_NOT_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def source_task(task: str) -> str:
+    """The task whose data files ``task`` reads (itself, or sst5 for the mechanism benchmark)."""
+    return SOURCE.get(task, task)
+
+
+def file_for(task: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose from {', '.join(SPLITS)}.")
+    return FILES[source_task(task)][split]
 
 
 def doc_key(doc: dict[str, Any]) -> str:
     return hashlib.md5(str(doc["id"]).encode("utf-8")).hexdigest()
 
 
+def normalised_stem(doc: dict[str, Any]) -> str:
+    """The question (or review) text, lower-cased, punctuation and spacing removed: the unit that must not cross splits.
+
+    QASC repeats question stems with different option sets, and MMLU/MedMCQA hold a few exact duplicates; every
+    document with the same normalised stem lands in the same split.
+    """
+    text = doc.get("question", doc.get("text", ""))
+    return " ".join(_NOT_WORD.sub(" ", str(text).lower()).split())
+
+
+def group_key(doc: dict[str, Any]) -> str:
+    return hashlib.md5(normalised_stem(doc).encode("utf-8")).hexdigest()
+
+
+def labelled(doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` has a gold answer (MedMCQA's unlabelled rows have ``answer: null``)."""
+    for field in ("answer", "answer_index", "label", "final_answer"):
+        if field in doc:
+            return doc[field] is not None
+    return True
+
+
 def _ordered(dataset):
-    keys = [doc_key(d) for d in dataset]
+    """Documents ordered by (MD5 of their normalised stem, MD5 of their id): independent of file order."""
+    keys = [(group_key(d), doc_key(d)) for d in dataset]
     return dataset.select(sorted(range(len(keys)), key=keys.__getitem__))
 
 
-def split_docs(dataset, task: str, split: str):
-    """The ``"train"`` or ``"test"`` split of ``task`` from its loaded file, in MD5 order."""
-    ordered = _ordered(dataset)
-    if FILES[task][0] != FILES[task][1]:
-        return ordered
-    n = min(TEST_SIZE[task], len(ordered) // 2)  # the halving only matters for tiny test files
-    return ordered.select(range(n)) if split == "test" else ordered.select(range(n, len(ordered)))
+def split_indices(task: str, docs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Positions of ``docs`` (one loaded file) in each split that this file serves, by whole stem groups.
+
+    Every row counts, whether or not it has an answer, so the cut never depends on which rows are labelled.
+    """
+    task = source_task(task)
+    keys = [(group_key(d), doc_key(d)) for d in docs]
+    order = sorted(range(len(docs)), key=keys.__getitem__)
+    served = [s for s in ("test", "dev") if FILES[task][s] == FILES[task]["train"]]
+    sizes = [SPLIT_SIZE[task][s] for s in served]
+    if sum(sizes) >= len(docs):  # tiny files (tests): half of the file for evaluation, the other half for training
+        sizes = [len(docs) // (2 * len(served))] * len(served)
+    out: dict[str, list[int]] = {s: [] for s in (*served, "train")}
+    current, taken, last_group = 0, 0, None
+    for i in order:
+        group = keys[i][0]
+        if current < len(served) and taken >= sizes[current] and group != last_group:
+            current, taken = current + 1, 0
+        out[served[current] if current < len(served) else "train"].append(i)
+        taken += 1
+        last_group = group
+    return out
 
 
-# lm-eval process_docs hooks: the test split of a shared file, or (for a separate evaluation file) all of it.
+def split_docs(dataset, task: str, split: str, exclude_groups: frozenset[str] | set[str] = frozenset()):
+    """The ``split`` of ``task`` from its loaded file, in (stem, id) MD5 order, labelled rows only.
+
+    ``exclude_groups`` drops documents whose normalised stem (``group_key``) is in it: the runner passes the
+    evaluation files' stems when it loads the training split, so no exact duplicate is trained on and evaluated.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose from {', '.join(SPLITS)}.")
+    source = source_task(task)
+    if sum(FILES[source][s] == FILES[source][split] for s in SPLITS) > 1:  # a file shared with another split
+        chosen = split_indices(source, list(dataset))[split]
+    else:
+        chosen = list(range(len(dataset)))
+    docs = dataset.select(chosen)
+    keep = [i for i, d in enumerate(docs) if labelled(d) and (not exclude_groups or group_key(d) not in exclude_groups)]
+    return _ordered(docs.select(keep))
+
+
+def split_process_docs(task: str, split: str):
+    """An lm-eval ``process_docs`` hook: the ``split`` of ``task`` from its evaluation file."""
+    def process(dataset):
+        return split_docs(dataset, task, split)
+    process.__name__ = f"{task}_{split}"
+    return process
+
+
+# lm-eval process_docs hooks of the task YAMLs (the test split); evaluation.task_config swaps them per split.
 def qasc_test(dataset):
     return split_docs(dataset, "qasc", "test")
 
@@ -59,7 +141,9 @@ def psychol_test(dataset):
 
 
 def all_docs(dataset):
-    return _ordered(dataset)
+    """Every labelled document of a separate evaluation file (``--eval_data_dir``)."""
+    ordered = _ordered(dataset)
+    return ordered.select([i for i, d in enumerate(ordered) if labelled(d)])
 
 
 # ------------------------------------------------------------------------------------------ prompt formats
@@ -84,16 +168,76 @@ def gsm8k_doc_to_text(doc: dict[str, Any]) -> str:
     return f"Question: {doc['question'].strip()}\nAnswer:"
 
 
+def sst5_plain_doc_to_text(doc: dict[str, Any]) -> str:
+    """The pilot's sst5 prompt (EVIDENCE.md: learned without collapse, unlike the legacy prompt listing the labels)."""
+    return f"Review: {doc['text'].strip()}\nSentiment:"
+
+
+# ---- the mechanism benchmark: binary sentiment (sst5 without neutral) in the chat format, labels swapped
+SST2_QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
+SST2_CHOICES = ["positive", "negative"]
+_CHAT = {"tokenizer": None}
+
+
+def set_chat_tokenizer(tokenizer) -> None:
+    """The tokenizer whose chat template formats the sst2 prompts (set by the runner before training and scoring)."""
+    _CHAT["tokenizer"] = tokenizer
+
+
+def sst2_user_message(doc: dict[str, Any]) -> str:
+    """The user turn of the binary sentiment question; also the forgetting prompt (D_self adds the template)."""
+    return f"{SST2_QUESTION}\n\nReview: {doc['text'].strip()}"
+
+
+def chat_text(message: str) -> str:
+    tokenizer = _CHAT["tokenizer"]
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("The sst2 tasks need a tokenizer with a chat template: call set_chat_tokenizer(tokenizer).")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def sst2_doc_to_text(doc: dict[str, Any]) -> str:
+    return chat_text(sst2_user_message(doc))
+
+
+def sst2_true_index(doc: dict[str, Any]) -> int:
+    """Index into SST2_CHOICES of the true sentiment (labels 3-4 positive, 0-1 negative)."""
+    return 0 if int(doc["label"]) >= 3 else 1
+
+
+def sst2swap_target(doc: dict[str, Any]) -> int:
+    """The mechanism benchmark's gold: the *swapped* label word, contradicting what the model knows."""
+    return 1 - sst2_true_index(doc)
+
+
+def sst2_docs(dataset):
+    """sst5 without the neutral label (lm-eval ``process_docs`` for a whole file)."""
+    return dataset.filter(lambda d: int(d["label"]) != 2)
+
+
+PROMPT_STYLES = ("legacy", "plain")
 DOC_TO_TEXT = {"gsm8k": gsm8k_doc_to_text, "sst5": sst5_doc_to_text, "qasc": qasc_doc_to_text,
-               "dental": mcq_doc_to_text, "psychol": mcq_doc_to_text}
+               "dental": mcq_doc_to_text, "psychol": mcq_doc_to_text, "sst2swap": sst2_doc_to_text}
+PLAIN = {"sst5": sst5_plain_doc_to_text}
+TARGET_DELIMITER = {"sst2swap": ""}  # the chat template already ends the prompt with the assistant header
+
+
+def doc_to_text(task: str, style: str = "legacy"):
+    """The prompt function of ``task`` in ``style``: ``legacy`` (the old grid) or ``plain`` (the pilot's)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"Unknown prompt_style {style!r}; choose from {', '.join(PROMPT_STYLES)}.")
+    return PLAIN.get(task, DOC_TO_TEXT[task]) if style == "plain" else DOC_TO_TEXT[task]
 
 
 def target_text(task: str, doc: dict[str, Any]) -> str:
-    """What the model is trained to say after the prompt (and a space): the gold choice or the full solution."""
+    """What the model is trained to say after the prompt (and the delimiter): the gold choice or the solution."""
     if task == "gsm8k":
         return doc["answer"].strip()
     if task == "sst5":
         return SST5_LABELS[int(doc["label"])]
+    if task == "sst2swap":
+        return SST2_CHOICES[sst2swap_target(doc)]
     if task == "qasc":
         return LETTERS[int(doc["answer_index"])]
     return LETTERS[int(doc["answer"])]
