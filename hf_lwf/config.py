@@ -99,8 +99,8 @@ class LWFConfig:
         default="deviation",
         metadata={
             "help": "Step 3: 'deviation' = full quadratic c(x) = eta*a(x) + eta^2/2*n(x); 'alignment' = eta*a(x) "
-            "only. Measured: the same learning result within seed noise and about the same scoring time "
-            "(docs/results.md, defaults)."
+            "only; both cost about the same scoring time. Default provisional: an exploratory sweep (old 16-step grid, "
+            "test split) found no difference beyond seed noise; the dev-set pilot decides (docs/results.md)."
         },
     )
     lwf_confidence_threshold: float = field(
@@ -110,8 +110,8 @@ class LWFConfig:
         default=None,
         metadata={
             "help": "Step 4: fraction r of D_self forgotten (ceil(r*|D_self|)). Default 0.25 when lwf_forget_top_k "
-            "is not set; set only one of the two. Measured: 0.1 and 0.5 were not better than 0.25 "
-            "(docs/results.md, defaults)."
+            "is not set; set only one of the two. Default provisional: 0.1 and 0.5 were not better than 0.25 in an "
+            "exploratory sweep (old 16-step grid, test split); the dev-set pilot decides (docs/results.md)."
         },
     )
     lwf_forget_top_k: Optional[int] = field(
@@ -131,16 +131,16 @@ class LWFConfig:
     lwf_unlearn_every: int = field(
         default=50,
         metadata={
-            "help": "Step 5: unlearn every N learning optimizer steps, starting at step N. Measured: 3, 5 or 8 of 16 "
-            "steps gave the same learning result within seed noise, and fewer points forget less; aim for at least 3 "
-            "points per run (docs/results.md, defaults)."
+            "help": "Step 5: unlearn every N learning optimizer steps, starting at step N. Aim for at least 3 points "
+            "per run: fewer points forget less. Default provisional: 3, 5 or 8 of 16 steps did not differ beyond "
+            "seed noise in an exploratory sweep (old grid, test split); the dev-set pilot decides (docs/results.md)."
         },
     )
     lwf_unlearn_steps: int = field(
         default=1,
         metadata={
-            "help": "Step 5: gradient-ascent steps per unlearning point. Measured: 3 was not better than 1 and mostly "
-            "hit lwf_forget_loss_cap (docs/results.md, defaults)."
+            "help": "Step 5: gradient-ascent steps per unlearning point. Default provisional: 3 was not better than 1 "
+            "and mostly hit lwf_forget_loss_cap in an exploratory sweep (old grid, test split; docs/results.md)."
         },
     )
     lwf_unlearn_batch_size: int = field(default=4, metadata={"help": "Step 5: D_U samples per ascent step."})
