@@ -253,15 +253,7 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     toy = _Toy()
     batch = {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
              "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
-    g = torch.Generator().manual_seed(1)
-    params = trainable_parameters(toy)
-    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
-    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
-    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
-    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
-    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
-    _assert_rel(a, a_ref, rtol=1e-4)
-    _assert_rel(n, n_ref, rtol=1e-4)
+    _matches_reference(toy, batch, rtol=1e-4)
     from hf_lwf.method.persample import _PLANS
 
     verdict = _PLANS[toy].verdict
@@ -517,6 +509,21 @@ class _WithAdapterDict(torch.nn.Module):
         return type("Out", (), {"logits": self.head(torch.tanh(self.embed(input_ids) * self.scales["a"]))})()
 
 
+def _matches_reference(model, batch, rtol: float) -> dict:
+    """a(x) and n(x) of one batched pass against the one-row-at-a-time reference, for a random direction and
+    curvature (returned direction)."""
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(1)
+    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
+    a, n = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature))
+    a_ref = reference_confidence(model, batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(model, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+    _assert_rel(a, a_ref, rtol=rtol)
+    _assert_rel(n, n_ref, rtol=rtol)
+    return direction
+
+
 def _toy_batch():
     return {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
             "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
@@ -527,16 +534,8 @@ def test_parameters_used_outside_a_module_call_take_the_exact_path():
 
     torch.manual_seed(0)
     toy = _WithAdapterDict()
-    params = trainable_parameters(toy)
-    g = torch.Generator().manual_seed(1)
-    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
-    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
     batch = _toy_batch()
-    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
-    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
-    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
-    _assert_rel(a, a_ref, rtol=1e-5)
-    _assert_rel(n, n_ref, rtol=1e-5)
+    direction = _matches_reference(toy, batch, rtol=1e-5)
     exact = _PLANS[toy].exact
     assert set(exact) == {"scales.a", "unused.weight"}
     assert "outside a call of its module" in exact["scales.a"] and "no part" in exact["unused.weight"]
@@ -664,16 +663,8 @@ def test_flattened_token_calls_use_the_rules_only_when_rows_are_batch_major(time
 
     torch.manual_seed(0)
     toy = _Flattened(time_major)
-    params = trainable_parameters(toy)
-    g = torch.Generator().manual_seed(1)
-    direction = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
-    curvature = {n: torch.rand(p.shape, generator=g) for n, p in params.items()}
     batch = _toy_batch()
-    a, n = batch_confidence(toy, batch, ScoringTerms.explicit(direction, curvature))
-    a_ref = reference_confidence(toy, batch, direction, curvature, 1.0, "alignment")
-    n_ref = (reference_confidence(toy, batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
-    _assert_rel(a, a_ref, rtol=1e-5)
-    _assert_rel(n, n_ref, rtol=1e-5)
+    _matches_reference(toy, batch, rtol=1e-5)
     plan = _PLANS[toy]
     assert plan.flat == {torch.nn.LayerNorm: not time_major, torch.nn.Linear: not time_major}
     assert set(plan.exact) == (set() if not time_major else {"norm.weight", "norm.bias", "mid.weight", "mid.bias"})
