@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -42,6 +43,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_rank(main, *args) -> None:
+    """Run a torchrun script's ``main``, then tear its process group down, also on ``SystemExit``.
+
+    A rank that leaves with gloo's threads still alive can abort at interpreter exit ("terminate called without an
+    active exception"), which fails the whole torchrun even though the rank's work is done.
+    """
+    try:
+        main(*args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 # installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, tiny_llama  # noqa: E402
+from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, run_rank, tiny_llama  # noqa: E402
 
 import hf_lwf.callback as callback_module  # noqa: E402
 from hf_lwf import LWFTrainer  # noqa: E402
@@ -71,4 +71,4 @@ def main(output_dir: str, mode: str = "ddp") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_rank(main, *sys.argv[1:])

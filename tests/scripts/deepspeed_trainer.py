@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, tiny_llama  # noqa: E402
+from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, run_rank, tiny_llama  # noqa: E402
 
 from hf_lwf import LWFTrainer  # noqa: E402
 from hf_lwf.method.fisher import trainable_parameters  # noqa: E402
@@ -117,6 +117,10 @@ def run(output_dir: str, phase: str) -> None:
         json.dump(result, handle)
 
 
+def main(output_dir: str, names: str) -> None:
+    for name in names.split(","):
+        run(output_dir, name)
+
+
 if __name__ == "__main__":
-    for name in sys.argv[2].split(","):
-        run(sys.argv[1], name)
+    run_rank(main, sys.argv[1], sys.argv[2])

@@ -27,7 +27,9 @@ from transformers import TrainerControl, TrainerState
 # installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import FORGET_PROMPTS, build_tokenizer, learning_dataset, lm_collator, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import (  # noqa: E402
+    FORGET_PROMPTS, build_tokenizer, learning_dataset, lm_collator, run_rank, tiny_gpt2, tiny_llama,
+)
 
 from hf_lwf import LWFCallback, LWFConfig  # noqa: E402
 from hf_lwf.method.confidence import score_self_data  # noqa: E402
@@ -244,8 +246,7 @@ def main(output_dir: str) -> None:
                         "callback": callback_runs(arch, output_dir, tokenizer, batches)}
     with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as handle:
         json.dump(result, handle)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_rank(main, sys.argv[1])

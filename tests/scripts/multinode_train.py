@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 # installed hf_lwf elsewhere would be tested instead), then tests/ for conftest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, tiny_llama  # noqa: E402
+from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, run_rank, tiny_llama  # noqa: E402
 
 from hf_lwf import LWFTrainer  # noqa: E402
 
@@ -51,4 +51,4 @@ def main(base: str, phase: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    run_rank(main, sys.argv[1], sys.argv[2])
