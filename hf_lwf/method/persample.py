@@ -106,6 +106,14 @@ class _Use:
         self.scale = scale
         self.autocast = autocast
 
+    def release(self) -> None:
+        """Drop the recorded tensors and the autograd node.
+
+        The node holds this use through the output's tensor hook, so ``use -> node -> hook -> use`` is a cycle
+        through C++ that the garbage collector cannot see: left in place, it keeps the recorded activations of
+        every pass alive."""
+        self.args = self.kwargs = self.grad = self.cache = self.node = None
+
 
 def _kind(module: torch.nn.Module) -> str:
     """The per-sample rule a module's class would take, before the class is checked (see :class:`_Plan`)."""
@@ -273,6 +281,7 @@ class _Capture:
         self.direct: dict[str, object] = {}
         self.running: dict[torch.nn.Module, int] = {}
         self.roots: list[torch.Tensor] = []
+        self.recorded: list[_Use] = []  # every hooked use of this pass, released on exit
         self.flat_uses: list[_Use] = []  # flattened-token calls whose class's row layout is not checked yet
         self.probing = False
         self.probed: dict[int, torch.Tensor] = {}
@@ -296,7 +305,9 @@ class _Capture:
         self.active = False
         for handle in self.handles:
             handle.remove()
-        self.handles, self.uses, self.roots = [], {}, []
+        for use in self.recorded:
+            use.release()
+        self.handles, self.uses, self.roots, self.recorded, self.flat_uses, self.probed = [], {}, [], [], [], {}
 
     def describe(self, name: str) -> str:
         modules = self.owners.get(name) or []
@@ -392,6 +403,7 @@ class _Capture:
                 self.roots.append(tensor)
         output.register_hook(lambda g, use=use: self._backward_hook(use, g))
         use.node = output.grad_fn
+        self.recorded.append(use)
         return replaced
 
     def _check(self, module, kind, args, kwargs, output, scale) -> str:
