@@ -673,6 +673,17 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
         text, tables["pilot"] = section("pilot, dev", pilot, ("lwf", "lwf_random", "lwf_bottom"),
                                         against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
         parts += [text, "\n![per-seed Δ of the primary endpoint, pilot](results_pilot.png)\n"]
+    for folder, config, what in PILOT_BUDGETS:
+        more = sections.get(folder, [])
+        if not more:
+            continue
+        g2 = gate(more)
+        parts += [f"\n### Pilot, {what} (`configs/{config}`)\n",
+                  f"{len(more)} run files in `experiments/results/{folder}/`; the same items and endpoints as the pilot "
+                  "above.\n", "#### Gate\n", gate_markdown(g2)]
+        text, tables[folder] = section(f"{folder}, dev", more, ("lwf", "lwf_random", "lwf_bottom"),
+                                       against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
+        parts.append(text)
     mech = sections.get("mechanism", [])
     parts += ["\n### Mechanism benchmark: swapped binary sentiment (`configs/mechanism.yaml`)\n",
               f"{len(mech)} run files in `experiments/results/mechanism/`. Primary endpoint: the gold (swapped) "
@@ -716,12 +727,14 @@ def settings_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[s
     return common, varying
 
 
-SECTIONS = ("pilot", "mechanism", "runs")  # results/<folder>/*.json; "runs" is the legacy grid
+PILOT_BUDGETS = (("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),)  # further pilot budgets: folder, config
+SECTIONS = ("pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism", "runs")  # results/<folder>/*.json;
+# "runs" is the legacy grid
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding pilot/, mechanism/, runs/.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding pilot/, pilot_lr1e-4/, mechanism/, runs/.")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)

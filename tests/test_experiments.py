@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -369,13 +370,19 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert len(cached) == 1  # generated once from the untrained model, reused by every run
     docs = tmp_path / "results.md"
     docs.write_text("# Results\n\nhand-written text stays\n")
+    second = results / summarize.PILOT_BUDGETS[0][0]  # a second pilot budget gets its own gate and tables
+    second.mkdir()
+    for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json"):
+        shutil.copy(results / "pilot" / name, second / name)
     assert summarize.main(["--results_dir", str(results), "--docs", str(docs)]) == 0
+    assert len((results / f"{second.name}.csv").read_text().splitlines()) == 1 + 1  # vanilla against base
     rows = (results / "pilot.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 + 1  # vanilla and lwf against base, lwf against vanilla
     assert any(r.startswith("sst5,dental,lwf,vanilla,2,gold_logprob") for r in rows)
     text = docs.read_text()
     assert "hand-written text stays" in text and summarize.BEGIN in text and "sst5__dental__lwf__s1" in text
     assert "**base** (untrained)" in text and "Gate" in text
+    assert f"configs/{summarize.PILOT_BUDGETS[0][1]}" in text and text.count("#### Gate") == 2
     assert (tmp_path / "results_pilot.png").exists()
 
 
