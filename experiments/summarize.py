@@ -609,11 +609,25 @@ def gate_markdown(g: dict[str, Any]) -> str:
         f"{'met' if g['pass_weak'] else 'not met'}.\n")
 
 
-def power_markdown(g: dict[str, Any], legacy_sd: float | None) -> str:
+def lwf_delta_sd(rows: list[dict[str, Any]], key: str = "acc") -> tuple[float, int] | None:
+    """SD of the per-seed LWF − vanilla Δ of ``key`` in the pilot's rows, with its number of seeds (at least 2)."""
+    for r in rows:
+        if r["method"] == "lwf" and r["reference"] == "vanilla":
+            deltas = r["learn_stats"].get(key, {}).get("deltas", [])
+            if len(deltas) > 1:
+                return statistics.stdev(deltas), len(deltas)
+    return None
+
+
+def power_markdown(g: dict[str, Any], legacy_sd: float | None, measured: tuple[float, int] | None = None) -> str:
     """Seeds needed for +3 points at 80 % power, under the SDs of the per-seed Δ that the data support so far."""
     lines = ["| SD of the per-seed Δ (points) | where it comes from | seeds for +3 points at 80 % (paired t, α 0.05) |",
              "|---|---|---|"]
     cases = []
+    if measured is not None:
+        sd, n = measured
+        cases.append((max(sd, 1e-6), f"the pilot's LWF − vanilla Δ of accuracy, {n} seeds (measured; the issue's "
+                                     "basis; with few seeds it is itself uncertain)"))
     if g.get("ready") and g["sd"] == g["sd"] and g["sd"] > 0:
         cases.append((math.sqrt(2) * g["sd"], "√2 × the pilot's vanilla seed SD (two independently noisy arms; "
                                               "to be replaced by the SD of the pilot's LWF − vanilla Δ)"))
@@ -621,6 +635,7 @@ def power_markdown(g: dict[str, Any], legacy_sd: float | None) -> str:
         cases.append((legacy_sd, "pooled SD of the per-seed Δ in the legacy 16-step grid (issue 17 audit)"))
     for sd, source in cases:
         lines.append(f"| {100 * sd:.1f} | {source} | {seeds_needed(0.03, sd)} |")
+    lines.append("\nThe confirmatory run takes the larger of that count and 5 seeds.")
     return "\n".join(lines) + "\n" if cases else "_No SD measured yet._\n"
 
 
@@ -668,10 +683,12 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
     stale = tuple(stale_runs(legacy_runs))
     legacy_all = compare(legacy_runs, tuple(sorted(set(MAIN_METHODS + ABLATIONS + BASELINES + DEFAULTS))),
                          exclude=stale)
-    parts += ["\n#### Power for the confirmatory run\n", power_markdown(g, pooled_delta_sd(legacy_all))]
     if pilot:
         text, tables["pilot"] = section("pilot, dev", pilot, ("lwf", "lwf_random", "lwf_bottom"),
                                         against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
+    parts += ["\n#### Power for the confirmatory run\n",
+              power_markdown(g, pooled_delta_sd(legacy_all), lwf_delta_sd(tables.get("pilot", [])))]
+    if pilot:
         parts += [text, "\n![per-seed Δ of the primary endpoint, pilot](results_pilot.png)\n"]
     for folder, config, what in PILOT_BUDGETS:
         more = sections.get(folder, [])

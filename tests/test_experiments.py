@@ -476,6 +476,19 @@ def test_hierarchical_bootstrap_against_a_slow_reference():
     assert const["low"] == pytest.approx(0.1) and const["high"] == pytest.approx(0.1) and const["p"] == 0.0
 
 
+def test_power_table_uses_the_measured_lwf_delta_sd():
+    from experiments.summarize import lwf_delta_sd, power_markdown, seeds_needed
+
+    rows = [{"method": "lwf", "reference": "base", "learn_stats": {"acc": {"deltas": [0.1, 0.2]}}},
+            {"method": "lwf", "reference": "vanilla", "learn_stats": {"acc": {"deltas": [0.0, 0.003, 0.012]}}}]
+    sd, n = lwf_delta_sd(rows)
+    assert n == 3 and sd == pytest.approx(0.0062450, rel=1e-4)  # stdev of 0, 0.3, 1.2 points
+    table = power_markdown({"ready": False}, None, (sd, n))
+    assert "| 0.6 | the pilot's LWF − vanilla Δ of accuracy, 3 seeds" in table
+    assert table.splitlines()[2].endswith(f"| {seeds_needed(0.03, sd)} |") and "5 seeds" in table
+    assert lwf_delta_sd(rows[:1]) is None
+
+
 def test_power_and_seeds_needed_match_published_values():
     from experiments.summarize import paired_t_power, seeds_needed
 
