@@ -603,7 +603,8 @@ def gate_markdown(g: dict[str, Any]) -> str:
         f"- Vanilla accuracy per seed ({', '.join(map(str, g['seeds']))}): "
         f"{', '.join(_pct(a) for a in g['vanilla'])} %; base {_pct(g['base'])} %.\n"
         f"- Gain over base: {_pct(g['gain'], True)} points (gate ≥ +10: {'yes' if g['pass_gain'] else 'no'}); "
-        f"seed SD {100 * g['sd']:.2f} points (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
+        + (f"seed SD {100 * g['sd']:.2f} points" if g["sd"] == g["sd"] else "seed SD not measured (one seed)")
+        + f" (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
         f"a vanilla run {_pct(g['max_share'])} % (gate ≤ 50 %: {'yes' if g['pass_share'] else 'no'}).\n"
         f"- **Gate {verdict}.** Weaker gate of EVIDENCE.md (≥ +5 points, SD ≤ 2): "
         f"{'met' if g['pass_weak'] else 'not met'}.\n")
@@ -744,14 +745,17 @@ def settings_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[s
     return common, varying
 
 
-PILOT_BUDGETS = (("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),)  # further pilot budgets: folder, config
+PILOT_BUDGETS = (  # further pilot budgets: folder, config, what differs from pilot.yaml
+    ("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),
+    ("pilot_250", "pilot_250.yaml", "250 steps"),
+)
 SECTIONS = ("pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism", "runs")  # results/<folder>/*.json;
 # "runs" is the legacy grid
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding pilot/, pilot_lr1e-4/, mechanism/, runs/.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding pilot/, pilot_lr1e-4/, pilot_250/, mechanism/, runs/.")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)

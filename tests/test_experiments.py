@@ -476,6 +476,19 @@ def test_hierarchical_bootstrap_against_a_slow_reference():
     assert const["low"] == pytest.approx(0.1) and const["high"] == pytest.approx(0.1) and const["p"] == 0.0
 
 
+def test_gate_with_one_vanilla_seed_says_the_sd_is_not_measured():
+    from experiments.summarize import gate, gate_markdown
+
+    def run(method, acc, share):
+        return {"run_id": method, "spec": {"learn": "sst5", "forget": "none", "method": method, "seed": 0},
+                "eval": {"sst5": {"score": acc, "max_pred_share": share}}}
+
+    g = gate([run("base", 0.41, 0.52), run("vanilla", 0.473, 0.57)])
+    assert g["gain"] == pytest.approx(0.063) and not g["pass_share"] and not g["pass_sd"]
+    text = gate_markdown(g)
+    assert "seed SD not measured (one seed)" in text and "Gate not passed" in text and "57.0 %" in text
+
+
 def test_power_table_uses_the_measured_lwf_delta_sd():
     from experiments.summarize import lwf_delta_sd, power_markdown, seeds_needed
 
