@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny offline tokenizer and tiny random Llama / GPT-2 models built from configs."""
 
 import os
+import sys
+import traceback
 
 import pytest
 import torch
@@ -46,16 +48,26 @@ def _one_thread():
 
 
 def run_rank(main, *args) -> None:
-    """Run a torchrun script's ``main``, then tear its process group down, also on ``SystemExit``.
+    """Run a torchrun script's ``main`` and leave the process without interpreter teardown.
 
-    A rank that leaves with gloo's threads still alive can abort at interpreter exit ("terminate called without an
-    active exception"), which fails the whole torchrun even though the rank's work is done.
+    A rank whose work is done can still abort at exit ("terminate called without an active exception": a C++
+    thread of the distributed runtime destroyed while joinable), which fails the whole torchrun. So once ``main``
+    returns (or stops with ``SystemExit``, as the crash phases do) the ranks meet at a barrier and leave with
+    ``os._exit``; an exception is printed and exits 1 without waiting for the other ranks.
     """
+    code = 0
     try:
         main(*args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BaseException:  # noqa: BLE001 - any failure: report it and exit non-zero
+        traceback.print_exc()
+        code = 1
+    if code == 0 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
