@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                 # SmolLM2-135M on the GPU (hf_lwf.app.models loads it offline)
     python benchmarks/gpu_check.py --dry-run       # the same checks on a tiny model on the CPU, few steps (CI)
+    python benchmarks/gpu_check.py --model tiny    # the GPU checks on the tiny model (no model file needed)
 
 Checks, each a short LWFTrainer run that must end with real ascent steps, a finite fp32 F and finite weights:
 ``bf16`` (16-bit weights, F fp32, theta_ref bf16), ``lora_gc`` (PEFT LoRA + gradient checkpointing, bf16 mixed
@@ -40,7 +41,7 @@ class _Stop(Exception):
 def _model(dry: bool):
     import run as bench
 
-    model, tokenizer = bench.load("tiny" if dry else "smollm2")
+    model, tokenizer = bench.load("tiny" if dry else os.environ.get("HF_LWF_GPU_CHECK_MODEL", "smollm2"))
     device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
     return model.to(device, torch.bfloat16), tokenizer
 
@@ -202,7 +203,12 @@ def main(argv=None) -> int:
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="Working folder (default: a temporary one).")
     parser.add_argument("--summary", default=None, help="Also write the results as JSON to this file.")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default=None,
+                        help="Model of the GPU checks (default smollm2; tiny needs no model file; the dry run always "
+                             "uses tiny).")
     args = parser.parse_args(argv)
+    if args.model:
+        os.environ["HF_LWF_GPU_CHECK_MODEL"] = args.model  # the torchrun workers inherit it
     dry = args.dry_run or os.environ.get("HF_LWF_GPU_CHECK_DRY_RUN") == "1"
     torch.set_num_threads(1 if dry else torch.get_num_threads())
     if args.step == "fsdp-worker":

@@ -374,7 +374,16 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     second.mkdir()
     for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json"):
         shutil.copy(results / "pilot" / name, second / name)
+    confirm = results / "confirm"  # the confirmatory folder gets its own section, first, with one comparison
+    confirm.mkdir()
+    for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json",
+                 "sst5__dental__lwf__s0.json", "sst5__dental__lwf__s1.json"):
+        shutil.copy(results / "pilot" / name, confirm / name)
     assert summarize.main(["--results_dir", str(results), "--docs", str(docs)]) == 0
+    confirm_rows = (results / "confirm.csv").read_text().splitlines()
+    assert len(confirm_rows) == 1 + 3 and any(r.startswith("sst5,dental,lwf,vanilla,2,gold_logprob")
+                                              for r in confirm_rows)
+    assert (tmp_path / "results_confirm.png").exists()
     assert len((results / f"{second.name}.csv").read_text().splitlines()) == 1 + 1  # vanilla against base
     rows = (results / "pilot.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 + 1  # vanilla and lwf against base, lwf against vanilla
@@ -383,6 +392,7 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert "hand-written text stays" in text and summarize.BEGIN in text and "sst5__dental__lwf__s1" in text
     assert "**base** (untrained)" in text and "Gate" in text
     assert f"configs/{summarize.PILOT_BUDGETS[0][1]}" in text and text.count("#### Gate") == 2
+    assert text.index("configs/confirm.yaml") < text.index("configs/pilot.yaml")
     assert (tmp_path / "results_pilot.png").exists()
 
 
@@ -608,3 +618,7 @@ def test_pilot_gate_on_hand_made_records():
     collapsed = gate([base, rec("vanilla", 0, 0.51, 0.45), rec("vanilla", 1, 0.58, 0.55)])
     assert not collapsed["pass_share"] and not collapsed["pass_sd"]  # SD 4.9 points
     assert not gate([base])["ready"]
+    weak_sd_but_one_label = gate([base, rec("vanilla", 0, 0.47, 0.51), rec("vanilla", 1, 0.48, 0.40)])
+    assert weak_sd_but_one_label["gain"] == pytest.approx(0.075) and not weak_sd_but_one_label["pass_weak"]
+    weak = gate([base, rec("vanilla", 0, 0.47, 0.49), rec("vanilla", 1, 0.48, 0.40)])
+    assert weak["pass_weak"] and not weak["pass_gain"]

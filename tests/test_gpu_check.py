@@ -41,3 +41,19 @@ def test_gpu_check_timeouts_fit_the_eight_minute_budget():
     timeouts = [int(t) for t in re.findall(r"^\s*timeout (\d+) ", gpu_part, flags=re.M)]
     assert len(timeouts) == len([line for line in gpu_part.splitlines() if "python" in line]) == 3
     assert sum(timeouts) < 8 * 60, timeouts
+
+
+def test_gpu_check_model_flag_reaches_the_model_loader(monkeypatch):
+    """``--model tiny`` runs the GPU checks without the SmolLM2 file; the torchrun workers read it from the env."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setenv("HF_LWF_GPU_CHECK_MODEL", "smollm2")  # recorded, so the test leaves the env as it found it
+    monkeypatch.delenv("HF_LWF_GPU_CHECK_DRY_RUN", raising=False)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--model", "tiny"]) == 2  # no CUDA here: refused with a message, after the flag is read
+    assert os.environ["HF_LWF_GPU_CHECK_MODEL"] == "tiny"
+    model, tokenizer = gpu_check._model(dry=False)
+    assert model.config.hidden_size == 64 and model.dtype == gpu_check.torch.bfloat16
