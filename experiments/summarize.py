@@ -725,6 +725,16 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
         parts.append(text)
     else:
         parts.append("_No runs yet._\n")
+    for folder, config, what in MECHANISM_BUDGETS:
+        more = sections.get(folder, [])
+        if not more:
+            continue
+        parts += [f"\n### Mechanism benchmark, {what} (`configs/{config}`; exploratory)\n",
+                  f"{len(more)} run files in `experiments/results/{folder}/`; the same items and endpoints as the "
+                  "mechanism benchmark above.\n"]
+        text, tables[folder] = section(f"{folder}, dev", more, ("lwf", "lwf_random", "lwf_bottom"),
+                                       against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
+        parts.append(text)
     parts += ["\n### Legacy grid, exploratory (`configs/core.yaml`, `configs/defaults.yaml`; 16 steps, test split)\n",
               f"{len(legacy_runs)} run files in `experiments/results/runs/`. **Exploratory**: this design cannot answer "
               "whether LWF helps, because the learning task was not learned in 16 steps (see the text above). "
@@ -761,13 +771,17 @@ PILOT_BUDGETS = (  # further pilot budgets: folder, config, what differs from pi
     ("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),
     ("pilot_250", "pilot_250.yaml", "250 steps"),
 )
-SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism", "runs")  # results/<folder>/*.json;
+MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs from mechanism.yaml
+    ("mechanism_40", "mechanism_40.yaml", "half the budget (40 steps, a point every 10)"),
+)
+SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism",
+            *(folder for folder, _, _ in MECHANISM_BUDGETS), "runs")  # results/<folder>/*.json;
 # "runs" is the legacy grid
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, mechanism/, runs/.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, mechanism/, mechanism_40/, runs/.")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)

@@ -374,6 +374,10 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     second.mkdir()
     for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json"):
         shutil.copy(results / "pilot" / name, second / name)
+    half = results / summarize.MECHANISM_BUDGETS[0][0]  # a second mechanism budget gets its own section
+    half.mkdir()
+    for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__dental__lwf__s0.json"):
+        shutil.copy(results / "pilot" / name, half / name)
     confirm = results / "confirm"  # the confirmatory folder gets its own section, first, with one comparison
     confirm.mkdir()
     for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json",
@@ -393,6 +397,8 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert "**base** (untrained)" in text and "Gate" in text
     assert f"configs/{summarize.PILOT_BUDGETS[0][1]}" in text and text.count("#### Gate") == 2
     assert text.index("configs/confirm.yaml") < text.index("configs/pilot.yaml")
+    assert f"configs/{summarize.MECHANISM_BUDGETS[0][1]}" in text
+    assert len((results / f"{half.name}.csv").read_text().splitlines()) == 1 + 3
     assert (tmp_path / "results_pilot.png").exists()
 
 
