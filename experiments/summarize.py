@@ -500,6 +500,37 @@ def markdown_runs(runs: list[dict[str, Any]], stale: tuple[str, ...] = ()) -> st
     return "\n".join(lines) + "\n"
 
 
+def answer_word(text: str, words: tuple[str, ...] = ("positive", "negative")) -> str:
+    """Which label word a self-generated answer gives: the first of ``words`` it contains, else ``other``."""
+    low = text.lower()
+    hits = [(low.index(w), w) for w in words if w in low]
+    return min(hits)[1] if hits else "other"
+
+
+def mechanism_markdown(runs: list[dict[str, Any]], task: str = "sst2swap",
+                       choices: tuple[str, ...] = ("positive", "negative")) -> str:
+    """Per run of the mechanism benchmark: accuracy per gold label, the share of each predicted label, the ascent steps
+    taken and what the forgotten answers say. Shows whether a method moves item-specific knowledge or the label
+    prior (a prior shift raises one gold label's accuracy and lowers the other's)."""
+    lines = ["| run | acc | " + " | ".join(f"acc, gold \"{c}\"" for c in choices) + " | "
+             + " | ".join(f"predicted \"{c}\"" for c in choices) + " | ascent steps / points | forgotten answers |",
+             "|---|---|" + "---|" * (2 * len(choices)) + "---|---|"]
+    for r in sorted(runs, key=lambda r: (r["spec"]["seed"], r["spec"]["method"])):
+        e = r["eval"].get(task)
+        if not e or "targets" not in e:
+            continue
+        targets, preds = e["targets"], e["preds"]
+        acc = [sum(t == p == k for t, p in zip(targets, preds)) / max(1, targets.count(k)) for k in range(len(choices))]
+        share = [preds.count(k) / len(preds) for k in range(len(choices))]
+        lwf = (r.get("train") or {}).get("lwf") or {}
+        words = [answer_word(x["text"], choices) for x in lwf.get("forgotten", [])]
+        said = ", ".join(f"{w} {words.count(w)}" for w in (*choices, "other") if words.count(w)) or "-"
+        steps = f"{lwf['unlearn_steps']} / {lwf['unlearn_points']}" if lwf else "-"
+        lines.append(f"| {r['run_id']} | {_pct(e['score'])} | " + " | ".join(_pct(a) for a in acc) + " | "
+                     + " | ".join(_pct(x) for x in share) + f" | {steps} | {said} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> str | None:
     """Per cell: the per-seed differences (dots) and their mean with the 95 % t interval over seeds (bar)."""
     if not rows:
@@ -722,7 +753,7 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
     if mech:
         text, tables["mechanism"] = section("mechanism, dev", mech, ("lwf", "lwf_random", "lwf_bottom"),
                                             against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
-        parts.append(text)
+        parts += [text, "\n#### Per gold label, and what was forgotten (mechanism, dev)\n", mechanism_markdown(mech)]
     else:
         parts.append("_No runs yet._\n")
     for folder, config, what in MECHANISM_BUDGETS:
@@ -734,7 +765,7 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
                   "mechanism benchmark above.\n"]
         text, tables[folder] = section(f"{folder}, dev", more, ("lwf", "lwf_random", "lwf_bottom"),
                                        against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
-        parts.append(text)
+        parts += [text, f"\n#### Per gold label, and what was forgotten ({folder}, dev)\n", mechanism_markdown(more)]
     parts += ["\n### Legacy grid, exploratory (`configs/core.yaml`, `configs/defaults.yaml`; 16 steps, test split)\n",
               f"{len(legacy_runs)} run files in `experiments/results/runs/`. **Exploratory**: this design cannot answer "
               "whether LWF helps, because the learning task was not learned in 16 steps (see the text above). "

@@ -628,3 +628,17 @@ def test_pilot_gate_on_hand_made_records():
     assert weak_sd_but_one_label["gain"] == pytest.approx(0.075) and not weak_sd_but_one_label["pass_weak"]
     weak = gate([base, rec("vanilla", 0, 0.47, 0.49), rec("vanilla", 1, 0.48, 0.40)])
     assert weak["pass_weak"] and not weak["pass_gain"]
+
+
+def test_mechanism_table_counts_per_gold_label_by_hand():
+    from experiments.summarize import answer_word, mechanism_markdown
+
+    assert answer_word("Positive.") == "positive" and answer_word("The review is negative, not positive") == "negative"
+    assert answer_word("The sentiment of this movie review is generally") == "other"
+    run = {"run_id": "sst2swap__sst2orig__lwf__s0", "spec": {"seed": 0, "method": "lwf"},
+           "eval": {"sst2swap": {"score": 0.6, "targets": [0, 0, 1, 1, 1], "preds": [0, 1, 1, 1, 0]}},
+           "train": {"lwf": {"unlearn_steps": 2, "unlearn_points": 4,
+                             "forgotten": [{"text": "positive"}, {"text": "Positive!"}, {"text": "hm"}]}}}
+    line = mechanism_markdown([run]).splitlines()[2]
+    # gold 0: 1 of 2 right; gold 1: 2 of 3 right; predicted 0: 2 of 5, predicted 1: 3 of 5
+    assert line == "| sst2swap__sst2orig__lwf__s0 | 60.0 | 50.0 | 66.7 | 40.0 | 60.0 | 2 / 4 | positive 2, other 1 |"
