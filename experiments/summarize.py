@@ -763,8 +763,8 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
         parts += [f"\n### Mechanism benchmark, {what} (`configs/{config}`; exploratory)\n",
                   f"{len(more)} run files in `experiments/results/{folder}/`; the same items and endpoints as the "
                   "mechanism benchmark above.\n"]
-        text, tables[folder] = section(f"{folder}, dev", more, ("lwf", "lwf_random", "lwf_bottom"),
-                                       against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
+        methods = tuple(sorted({r["spec"]["method"] for r in more} - {"base", "vanilla"}))  # every variant run there
+        text, tables[folder] = section(f"{folder}, dev", more, methods, against_base=("vanilla", *methods))
         parts += [text, f"\n#### Per gold label, and what was forgotten ({folder}, dev)\n", mechanism_markdown(more)]
     parts += ["\n### Legacy grid, exploratory (`configs/core.yaml`, `configs/defaults.yaml`; 16 steps, test split)\n",
               f"{len(legacy_runs)} run files in `experiments/results/runs/`. **Exploratory**: this design cannot answer "

@@ -378,6 +378,10 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     half.mkdir()
     for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__dental__lwf__s0.json"):
         shutil.copy(results / "pilot" / name, half / name)
+    variant = json.loads((results / "pilot" / "sst5__dental__lwf__s1.json").read_text())
+    variant["spec"].update(method="lwf_coef01", seed=0)  # any variant run in that folder is compared too
+    variant["run_id"] = "sst5__dental__lwf_coef01__s0"
+    (half / "sst5__dental__lwf_coef01__s0.json").write_text(json.dumps(variant))
     confirm = results / "confirm"  # the confirmatory folder gets its own section, first, with one comparison
     confirm.mkdir()
     for name in ("sst5__none__base__s0.json", "sst5__none__vanilla__s0.json", "sst5__none__vanilla__s1.json",
@@ -398,7 +402,8 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert f"configs/{summarize.PILOT_BUDGETS[0][1]}" in text and text.count("#### Gate") == 2
     assert text.index("configs/confirm.yaml") < text.index("configs/pilot.yaml")
     assert f"configs/{summarize.MECHANISM_BUDGETS[0][1]}" in text
-    assert len((results / f"{half.name}.csv").read_text().splitlines()) == 1 + 3
+    half_rows = (results / f"{half.name}.csv").read_text().splitlines()
+    assert len(half_rows) == 1 + 5 and any(r.startswith("sst5,dental,lwf_coef01,vanilla,1,") for r in half_rows)
     assert (tmp_path / "results_pilot.png").exists()
 
 
