@@ -45,9 +45,7 @@ def test_gpu_check_timeouts_fit_the_eight_minute_budget():
 
 def test_gpu_check_model_flag_reaches_the_model_loader(monkeypatch):
     """``--model tiny`` runs the GPU checks without the SmolLM2 file; the torchrun workers read it from the env."""
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import gpu_check
 
     monkeypatch.setenv("HF_LWF_GPU_CHECK_MODEL", "smollm2")  # recorded, so the test leaves the env as it found it
