@@ -709,9 +709,14 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
     confirm = sections.get("confirm", [])
     if confirm:
         text, tables["confirm"] = section("confirmatory, test", confirm, ("lwf",), against_base=("vanilla", "lwf"))
-        parts += ["### Confirmatory run on the sst5 test split (`configs/confirm.yaml`)\n",
+        pairs = len({r["spec"]["seed"] for r in confirm if r["spec"]["method"] == "lwf"}
+                    & {r["spec"]["seed"] for r in confirm if r["spec"]["method"] == "vanilla"})
+        parts += [f"### Confirmatory run on the sst5 test split (`configs/{CONFIRM_CONFIG}`)\n",
                   f"{len(confirm)} run files in `experiments/results/confirm/`, under the plan pre-registered above "
-                  "(gate on five vanilla dev seeds, then the test split read once). The one confirmatory test is the "
+                  "(gate on five vanilla dev seeds, then the test split read once). "
+                  + ("" if pairs >= 5 else f"**Interim: {pairs} of the 5 planned seed pairs; the confirmatory test is "
+                     "read only on all five.** ")
+                  + "The one confirmatory test is the "
                   "seed-level t-test of the primary endpoint (`gold_logprob`) of LWF against vanilla; every other "
                   "column and table is secondary.\n", text,
                   "\n![per-seed Δ, confirmatory run](results_confirm.png)\n"]
@@ -801,7 +806,9 @@ def settings_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[s
 PILOT_BUDGETS = (  # further pilot budgets: folder, config, what differs from pilot.yaml
     ("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),
     ("pilot_250", "pilot_250.yaml", "250 steps"),
+    ("pilot_decay", "pilot_decay.yaml", "warm-up to 1e-4, then linear decay to 0"),
 )
+CONFIRM_CONFIG = "confirm_decay.yaml"  # the plan the confirm/ folder ran under (the second pre-registered plan)
 MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs from mechanism.yaml
     ("mechanism_40", "mechanism_40.yaml", "half the budget (40 steps, a point every 10)"),
 )
@@ -812,7 +819,7 @@ SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "me
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, mechanism/, mechanism_40/, runs/.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, pilot_decay/, mechanism/, mechanism_40/, runs/.")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)

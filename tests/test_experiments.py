@@ -400,7 +400,8 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert "hand-written text stays" in text and summarize.BEGIN in text and "sst5__dental__lwf__s1" in text
     assert "**base** (untrained)" in text and "Gate" in text
     assert f"configs/{summarize.PILOT_BUDGETS[0][1]}" in text and text.count("#### Gate") == 2
-    assert text.index("configs/confirm.yaml") < text.index("configs/pilot.yaml")
+    assert text.index(f"configs/{summarize.CONFIRM_CONFIG}") < text.index("configs/pilot.yaml")
+    assert "Interim: 2 of the 5 planned seed pairs" in text  # two pairs only: the confirmatory test waits for five
     assert f"configs/{summarize.MECHANISM_BUDGETS[0][1]}" in text
     half_rows = (results / f"{half.name}.csv").read_text().splitlines()
     assert len(half_rows) == 1 + 5 and any(r.startswith("sst5,dental,lwf_coef01,vanilla,1,") for r in half_rows)
