@@ -538,7 +538,7 @@ def claim(results_dir: str, run_id: str) -> bool:
                     host, pid = f.read().strip().rsplit(":", 1)
             except (OSError, ValueError):
                 return False
-            if host != platform.node() or _alive(int(pid)):
+            if host != platform.node() or pid_alive(int(pid)):
                 return False
             os.remove(path)  # stale: its process is gone
             continue
@@ -548,7 +548,7 @@ def claim(results_dir: str, run_id: str) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,0 +1,132 @@
+"""experiments/gated.py: a pilot's gate decides, once all its seeds have finished, whether the confirmatory run starts."""
+
+import copy
+import json
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parent.parent
+pytest.importorskip("lm_eval", reason="the experiments need the [experiments] extra (lm-eval)")
+sys.path.insert(0, str(REPO))
+
+from experiments import gated, summarize  # noqa: E402
+
+
+PILOT = REPO / "experiments" / "results" / "pilot_decay"  # committed run files: +9.6 points, seed SD 3.23
+
+
+def _records(accs: list[float] | None = None, shares: list[float] | None = None) -> list[dict]:
+    """The committed pilot_decay records (base + vanilla seeds 0-4), with the vanilla accuracies/shares replaced."""
+    runs = summarize.load_runs(str(PILOT))
+    runs = [copy.deepcopy(r) for r in runs]
+    vanilla = sorted((r for r in runs if r["spec"]["method"] == "vanilla"), key=lambda r: r["spec"]["seed"])
+    for i, r in enumerate(vanilla):
+        if accs is not None:
+            r["eval"]["sst5"]["score"] = accs[i]
+        if shares is not None:
+            r["eval"]["sst5"]["max_pred_share"] = shares[i]
+    return runs
+
+
+def test_verdict_of_the_committed_pilot_fails_both_rules():
+    g = summarize.gate(_records())
+    assert g["gain"] == pytest.approx(0.096) and g["sd"] == pytest.approx(0.0323, abs=1e-4)
+    assert not gated.verdict(g, "weak", 5) and not gated.verdict(g, "issue_or_weak", 5)
+
+
+@pytest.mark.parametrize("accs, shares, weak, issue_or_weak", [
+    ([0.53, 0.50, 0.56, 0.51, 0.55], None, False, True),    # +12.0 points, SD 2.55: only the issue's gate
+    ([0.47, 0.46, 0.48, 0.47, 0.465], None, True, True),    # +5.9 points, SD 0.74: the weak gate
+    ([0.47, 0.46, 0.48, 0.47, 0.465], [0.4, 0.4, 0.51, 0.4, 0.4], False, False),  # one seed collapses
+    ([0.45, 0.44, 0.46, 0.45, 0.455], None, False, False),  # +4.1 points
+    ([0.60, 0.45, 0.55, 0.52, 0.50], None, False, False),   # +11.4 points, SD 5.6
+])
+def test_verdict_rules(accs, shares, weak, issue_or_weak):
+    g = summarize.gate(_records(accs, shares))
+    assert gated.verdict(g, "weak", 5) is weak
+    assert gated.verdict(g, "issue_or_weak", 5) is issue_or_weak
+
+
+def test_verdict_needs_every_seed_and_a_known_rule():
+    runs = [r for r in _records([0.47, 0.46, 0.48, 0.47, 0.465]) if r["spec"]["seed"] != 4 or r["spec"]["method"] == "base"]
+    assert not gated.verdict(summarize.gate(runs), "weak", 5)  # four seeds: the gate is not judged
+    assert not gated.verdict({"ready": False}, "weak", 5)
+    with pytest.raises(ValueError, match="--rule"):
+        gated.verdict(summarize.gate(_records()), "strict", 5)
+
+
+def _config(path: Path, grid: str) -> str:
+    path.write_text("settings: {}\ngrid:\n" + grid, encoding="utf-8")
+    return str(path)
+
+
+PILOT_GRID = "  - {learn: [sst5], methods: [base], seeds: [0]}\n  - {learn: [sst5], methods: [vanilla], seeds: [0, 1, 2, 3, 4]}\n"
+
+
+@pytest.mark.parametrize("accs, starts_confirm", [(None, False), ([0.53, 0.50, 0.56, 0.51, 0.55], True)])
+def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatch, accs, starts_confirm):
+    pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
+    confirm_cfg = _config(tmp_path / "confirm.yaml", "  - {learn: [sst5], methods: [vanilla], seeds: [0]}\n")
+    pilot_dir, confirm_dir = tmp_path / "results" / "pilot", tmp_path / "results" / "confirm"
+    calls = []
+
+    def fake_workers(config, results_dir, workers, log_dir):  # the pilot's runs "finish" with the given accuracies
+        calls.append((config, results_dir, workers))
+        if config == pilot_cfg:
+            os.makedirs(results_dir, exist_ok=True)
+            for r in _records(accs):
+                Path(results_dir, f"{r['run_id']}.json").write_text(json.dumps(r), encoding="utf-8")
+        return []
+
+    monkeypatch.setattr(gated, "run_workers", fake_workers)
+    argv = ["--pilot", pilot_cfg, "--confirm", confirm_cfg, "--rule", "issue_or_weak", "--pilot_dir", str(pilot_dir),
+            "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs")]
+    assert gated.main(argv) == 0
+    assert [c[0] for c in calls] == [pilot_cfg] + ([confirm_cfg] if starts_confirm else [])
+    record = json.loads((tmp_path / "results" / "pilot.gate.json").read_text())
+    assert record["passed"] is starts_confirm and record["rule"] == "issue_or_weak" and record["gate"]["seeds"] == [0, 1, 2, 3, 4]
+
+
+def test_main_gives_no_verdict_while_pilot_runs_are_missing(tmp_path, monkeypatch):
+    pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
+    monkeypatch.setattr(gated, "run_workers", lambda *a, **k: ["sst5__none__vanilla__s4"])
+    assert gated.main(["--pilot", pilot_cfg, "--confirm", pilot_cfg, "--rule", "weak",
+                       "--pilot_dir", str(tmp_path / "p")]) == 1
+    assert not (tmp_path / "p.gate.json").exists()
+
+
+def test_main_names_a_missing_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gated.main(["--pilot", str(tmp_path / "nope.yaml"), "--confirm", str(tmp_path / "nope.yaml"), "--rule", "weak"])
+    assert "--pilot: no such config file" in capsys.readouterr().err
+
+
+def test_run_workers_waits_for_runs_a_live_process_holds(tmp_path, monkeypatch):
+    """Two real worker processes run; a run locked by a live process is waited for, a dead owner's lock is not."""
+    cfg = _config(tmp_path / "c.yaml", "  - {learn: [sst5], methods: [vanilla], seeds: [0, 1, 2]}\n")
+    results = tmp_path / "r"
+    results.mkdir()
+    started = tmp_path / "started"
+    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir: [
+        sys.executable, "-c", f"import os; open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()"])
+    started.mkdir()
+    (results / "sst5__none__vanilla__s0.json").write_text("{}")  # finished
+    (results / "sst5__none__vanilla__s1.lock").write_text(f"{platform.node()}:{os.getpid()}")  # held by this process
+    (results / "sst5__none__vanilla__s2.lock").write_text(f"{platform.node()}:999999999")  # owner gone
+
+    def finish_s1():
+        (results / "sst5__none__vanilla__s1.json").write_text("{}")
+        (results / "sst5__none__vanilla__s1.lock").unlink()
+
+    timer = threading.Timer(0.5, finish_s1)
+    timer.start()
+    left = gated.run_workers(cfg, str(results), 2, str(tmp_path / "logs"), stagger=0.0, poll=0.05)
+    timer.join()
+    assert left == ["sst5__none__vanilla__s2"]  # s1 was waited for; s2's dead lock did not block
+    assert len(os.listdir(started)) == 2 and (tmp_path / "logs" / "r_w1.log").exists()
