@@ -3,6 +3,9 @@ gate passes (issue 17).
 
     python -m experiments.gated --pilot experiments/configs/pilot_decay300.yaml \\
         --confirm experiments/configs/confirm_decay300.yaml --rule issue_or_weak --workers 2
+    # the same design with the paper's model on a GPU
+    python -m experiments.gated --pilot experiments/configs/full_pilot.yaml --confirm experiments/configs/full.yaml \\
+        --rule issue_or_weak --workers 1 --model meta-llama/Llama-3.2-1B --confirm_dir experiments/results/full
 
 The gate is :func:`experiments.summarize.gate` on the pilot's vanilla seeds, judged once all of them have finished;
 ``--rule`` names which of its criteria the plan fixed in advance. The verdict is written next to the pilot's folder
@@ -49,12 +52,13 @@ def pending_runs(config: str, results_dir: str) -> list[str]:
     return [spec.run_id for spec, _ in plan if not os.path.isfile(os.path.join(results_dir, f"{spec.run_id}.json"))]
 
 
-def worker_command(config: str, results_dir: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.run", "--config", config, "--results_dir", results_dir]
+def worker_command(config: str, results_dir: str, model: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "experiments.run", "--config", config, "--results_dir", results_dir,
+            *(["--model", model] if model else [])]
 
 
 def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagger: float = 20.0,
-                poll: float = 20.0) -> list[str]:
+                poll: float = 20.0, model: str | None = None) -> list[str]:
     """Run ``config``'s grid with ``workers`` runner processes (one torch thread each) and wait until every run has a
     result file or none is running any more; returns the runs still pending (those whose worker failed)."""
     os.makedirs(log_dir, exist_ok=True)
@@ -65,7 +69,7 @@ def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagg
         if i:
             time.sleep(stagger)  # the first worker claims its run before the next one looks
         log = open(os.path.join(log_dir, f"{name}_w{i + 1}.log"), "a", encoding="utf-8")
-        procs.append((subprocess.Popen(worker_command(config, results_dir), stdout=log, stderr=subprocess.STDOUT,
+        procs.append((subprocess.Popen(worker_command(config, results_dir, model), stdout=log, stderr=subprocess.STDOUT,
                                        cwd=runner.REPO, env=env), log))
     for proc, log in procs:
         proc.wait()
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pilot_dir", default=None, help="Pilot results (default: results/<pilot config name>).")
     parser.add_argument("--confirm_dir", default=str(summarize.RESULTS / "confirm"), help="Confirmatory results.")
     parser.add_argument("--workers", type=int, default=2, help="Runner processes (one per core).")
+    parser.add_argument("--model", default=None, help="Hub id or local dir for every run (default: the configs' "
+                        "model, else SmolLM2-135M-Instruct offline).")
     parser.add_argument("--log_dir", default=str(summarize.RESULTS.parent / "logs"), help="Worker logs.")
     args = parser.parse_args(argv)
     for flag in ("pilot", "confirm"):
@@ -111,22 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     pilot_dir = args.pilot_dir or str(summarize.RESULTS / Path(args.pilot).stem)
 
-    left = run_workers(args.pilot, pilot_dir, args.workers, args.log_dir)
+    left = run_workers(args.pilot, pilot_dir, args.workers, args.log_dir, model=args.model)
     if left:
         print(f"[gated] pilot runs did not finish: {', '.join(left)}; no verdict", flush=True)
         return 1
     g = summarize.gate(summarize.load_runs(pilot_dir), learn=args.learn)
     passed = verdict(g, args.rule, args.seeds)
-    record = {"pilot": args.pilot, "confirm": args.confirm, "rule": args.rule, "rule_text": RULES[args.rule],
-              "seeds": args.seeds, "gate": g, "passed": passed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                       time.gmtime())}
+    record = {"pilot": args.pilot, "confirm": args.confirm, "model": args.model, "rule": args.rule,
+              "rule_text": RULES[args.rule], "seeds": args.seeds, "gate": g, "passed": passed,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     gate_path(pilot_dir).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"[gated] gate {'PASSED' if passed else 'NOT PASSED'} ({args.rule}): gain {100 * g.get('gain', 0):+.1f} "
           f"points, seed SD {100 * g.get('sd', float('nan')):.2f}, largest label share "
           f"{100 * g.get('max_share', float('nan')):.1f} %", flush=True)
     if not passed:
         return 0
-    left = run_workers(args.confirm, args.confirm_dir, args.workers, args.log_dir)
+    left = run_workers(args.confirm, args.confirm_dir, args.workers, args.log_dir, model=args.model)
     if left:
         print(f"[gated] confirmatory runs did not finish: {', '.join(left)}", flush=True)
         return 1

@@ -76,8 +76,8 @@ def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatc
     pilot_dir, confirm_dir = tmp_path / "results" / "pilot", tmp_path / "results" / "confirm"
     calls = []
 
-    def fake_workers(config, results_dir, workers, log_dir):  # the pilot's runs "finish" with the given accuracies
-        calls.append((config, results_dir, workers))
+    def fake_workers(config, results_dir, workers, log_dir, model=None):  # the pilot "finishes" with accs
+        calls.append((config, results_dir, workers, model))
         if config == pilot_cfg:
             os.makedirs(results_dir, exist_ok=True)
             for r in _records(accs):
@@ -86,9 +86,10 @@ def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatc
 
     monkeypatch.setattr(gated, "run_workers", fake_workers)
     argv = ["--pilot", pilot_cfg, "--confirm", confirm_cfg, "--rule", "issue_or_weak", "--pilot_dir", str(pilot_dir),
-            "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs")]
+            "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs"), "--model", "m/x"]
     assert gated.main(argv) == 0
     assert [c[0] for c in calls] == [pilot_cfg] + ([confirm_cfg] if starts_confirm else [])
+    assert {(c[2], c[3]) for c in calls} == {(2, "m/x")}  # every stage: the workers and the model asked for
     record = json.loads((tmp_path / "results" / "pilot.gate.json").read_text())
     assert record["passed"] is starts_confirm and record["rule"] == "issue_or_weak" and record["gate"]["seeds"] == [0, 1, 2, 3, 4]
 
@@ -113,7 +114,7 @@ def test_run_workers_waits_for_runs_a_live_process_holds(tmp_path, monkeypatch):
     results = tmp_path / "r"
     results.mkdir()
     started = tmp_path / "started"
-    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir: [
+    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, model: [
         sys.executable, "-c", f"import os; open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()"])
     started.mkdir()
     (results / "sst5__none__vanilla__s0.json").write_text("{}")  # finished
@@ -130,3 +131,33 @@ def test_run_workers_waits_for_runs_a_live_process_holds(tmp_path, monkeypatch):
     timer.join()
     assert left == ["sst5__none__vanilla__s2"]  # s1 was waited for; s2's dead lock did not block
     assert len(os.listdir(started)) == 2 and (tmp_path / "logs" / "r_w1.log").exists()
+
+
+def test_worker_command_passes_the_model():
+    assert gated.worker_command("c.yaml", "r")[-4:] == ["--config", "c.yaml", "--results_dir", "r"]
+    assert gated.worker_command("c.yaml", "r", "meta-llama/Llama-3.2-1B")[-2:] == ["--model", "meta-llama/Llama-3.2-1B"]
+
+
+CONFIGS = REPO / "experiments" / "configs"
+PLANS = [("pilot.yaml", "confirm.yaml"), ("pilot_decay.yaml", "confirm_decay.yaml"),
+         ("pilot_decay300.yaml", "confirm_decay300.yaml"), ("full_pilot.yaml", "full.yaml")]
+EVAL_ONLY = {"eval_split", "n_eval_learn", "n_eval_forget", "threads"}  # what a confirmatory run may change
+
+
+@pytest.mark.parametrize("pilot, confirm", PLANS)
+def test_a_confirmatory_config_trains_as_its_pilot(pilot, confirm):
+    """Each plan's confirmatory sst5 runs train exactly as the gated pilot's (dev) runs; only the split and the item
+    counts differ, as the pre-registered plans say."""
+    from experiments import run
+
+    def sst5_settings(name):
+        config = run.load_config(str(CONFIGS / name))
+        return {spec.method: run.merged_settings({**(config.get("settings") or {}), **block}, [])
+                for spec, block in run.grid_plan(config["grid"]) if spec.learn == "sst5"}
+
+    dev, test = sst5_settings(pilot), sst5_settings(confirm)
+    assert {"vanilla", "lwf"} <= set(test) and "vanilla" in dev
+    for method in ("vanilla", "lwf"):
+        differ = {k for k in dev["vanilla"] if dev["vanilla"][k] != test[method][k]}
+        assert differ <= EVAL_ONLY, (confirm, method, {k: (dev["vanilla"][k], test[method][k]) for k in differ})
+        assert dev["vanilla"]["eval_split"] == "dev" and test[method]["eval_split"] == "test"
