@@ -629,10 +629,16 @@ def gate(runs: list[dict[str, Any]], learn: str = "sst5", min_gain: float = 0.10
                                                                           for s in shares)}
 
 
-def gate_markdown(g: dict[str, Any]) -> str:
+def gate_markdown(g: dict[str, Any], record: dict[str, Any] | None = None) -> str:
+    """The gate's statistics; with ``record`` (``<pilot>.gate.json`` from ``experiments.gated``) also the verdict
+    under the rule the plan fixed in advance."""
     if not g.get("ready"):
         return "_The pilot has no base run and vanilla run yet._\n"
     verdict = "passed" if g["pass_gain"] and g["pass_share"] and g["pass_sd"] else "not passed"
+    ruled = "" if record is None else (
+        f"- **Verdict under the plan's pre-registered rule: {'passed' if record['passed'] else 'not passed'}** "
+        f"(`--rule {record['rule']}`: {record['rule_text']}; judged by `experiments.gated` at {record['time']} on "
+        f"seeds {', '.join(map(str, record['gate']['seeds']))}).\n")
     return (
         f"- Vanilla accuracy per seed ({', '.join(map(str, g['seeds']))}): "
         f"{', '.join(_pct(a) for a in g['vanilla'])} %; base {_pct(g['base'])} %.\n"
@@ -640,8 +646,8 @@ def gate_markdown(g: dict[str, Any]) -> str:
         + (f"seed SD {100 * g['sd']:.2f} points" if g["sd"] == g["sd"] else "seed SD not measured (one seed)")
         + f" (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
         f"a vanilla run {_pct(g['max_share'])} % (gate ≤ 50 %: {'yes' if g['pass_share'] else 'no'}).\n"
-        f"- **Gate {verdict}.** Weaker gate of EVIDENCE.md (≥ +5 points, SD ≤ 2, no label > 50 %): "
-        f"{'met' if g['pass_weak'] else 'not met'}.\n")
+        f"- **The issue's gate {verdict}.** Weaker gate of EVIDENCE.md (≥ +5 points, SD ≤ 2, no label > 50 %): "
+        f"{'met' if g['pass_weak'] else 'not met'}.\n" + ruled)
 
 
 def lwf_delta_sd(rows: list[dict[str, Any]], key: str = "acc") -> tuple[float, int] | None:
@@ -703,9 +709,11 @@ def section(name: str, runs: list[dict[str, Any]], methods: tuple[str, ...], sta
 
 
 def generated_markdown(sections: dict[str, list[dict[str, Any]]],
-                       probe_path: Path = RESULTS / "optimizer_probe.json") -> tuple[str, dict[str, list]]:
-    """The generated block of docs/results.md from the run files of each results folder."""
-    parts, tables = [], {}
+                       probe_path: Path = RESULTS / "optimizer_probe.json",
+                       verdicts: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, list]]:
+    """The generated block of docs/results.md from the run files of each results folder (and the verdicts
+    ``experiments.gated`` wrote, by pilot folder)."""
+    parts, tables, verdicts = [], {}, verdicts or {}
     confirm = sections.get("confirm", [])
     if confirm:
         text, tables["confirm"] = section("confirmatory, test", confirm, ("lwf",), against_base=("vanilla", "lwf"))
@@ -727,7 +735,7 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
               "`gold_logprob` (the primary endpoint) = mean over items of log p(gold | choices), the gold label's "
               "log-likelihood normalised across the choices, in nats (0 = certain; log 1/5 = −1.609 for uniform "
               "over five labels); `acc_norm` = lm-eval's byte-length-normalised accuracy (sst5 labels differ in "
-              "length).\n", "#### Gate\n", gate_markdown(g)]
+              "length).\n", "#### Gate\n", gate_markdown(g, verdicts.get("pilot"))]
     legacy_runs = sections.get("runs", [])
     stale = tuple(stale_runs(legacy_runs))
     legacy_all = compare(legacy_runs, tuple(sorted(set(MAIN_METHODS + ABLATIONS + BASELINES + DEFAULTS))),
@@ -746,7 +754,7 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
         g2 = gate(more)
         parts += [f"\n### Pilot, {what} (`configs/{config}`)\n",
                   f"{len(more)} run files in `experiments/results/{folder}/`; the same items and endpoints as the pilot "
-                  "above.\n", "#### Gate\n", gate_markdown(g2)]
+                  "above.\n", "#### Gate\n", gate_markdown(g2, verdicts.get(folder))]
         text, tables[folder] = section(f"{folder}, dev", more, ("lwf", "lwf_random", "lwf_bottom"),
                                        against_base=("vanilla", "lwf", "lwf_random", "lwf_bottom"))
         parts.append(text)
@@ -807,8 +815,9 @@ PILOT_BUDGETS = (  # further pilot budgets: folder, config, what differs from pi
     ("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),
     ("pilot_250", "pilot_250.yaml", "250 steps"),
     ("pilot_decay", "pilot_decay.yaml", "warm-up to 1e-4, then linear decay to 0"),
+    ("pilot_decay300", "pilot_decay300.yaml", "the decaying rate over 300 steps"),
 )
-CONFIRM_CONFIG = "confirm_decay.yaml"  # the plan the confirm/ folder ran under (the second pre-registered plan)
+CONFIRM_CONFIG = "confirm_decay300.yaml"  # the plan the confirm/ folder runs under (the third pre-registered plan)
 MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs from mechanism.yaml
     ("mechanism_40", "mechanism_40.yaml", "half the budget (40 steps, a point every 10)"),
 )
@@ -819,13 +828,15 @@ SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "me
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, pilot_decay/, mechanism/, mechanism_40/, runs/.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, pilot_decay/, pilot_decay300/, mechanism/, mechanism_40/, runs/.")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)
     out = Path(args.results_dir)
     sections = {name: load_runs(str(out / name)) for name in SECTIONS}
-    generated, tables = generated_markdown(sections, out / "optimizer_probe.json")
+    verdicts = {name: json.loads((out / f"{name}.gate.json").read_text(encoding="utf-8"))
+                for name in SECTIONS if (out / f"{name}.gate.json").is_file()}
+    generated, tables = generated_markdown(sections, out / "optimizer_probe.json", verdicts)
     for name, rows in tables.items():
         write_csv(out / f"{name}.csv", [flat_row(r) for r in rows])
     print(generated)

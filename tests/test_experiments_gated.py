@@ -92,6 +92,9 @@ def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatc
     assert {(c[2], c[3]) for c in calls} == {(2, "m/x")}  # every stage: the workers and the model asked for
     record = json.loads((tmp_path / "results" / "pilot.gate.json").read_text())
     assert record["passed"] is starts_confirm and record["rule"] == "issue_or_weak" and record["gate"]["seeds"] == [0, 1, 2, 3, 4]
+    text = summarize.gate_markdown(record["gate"], record)  # docs/results.md shows the verdict under the plan's rule
+    assert f"Verdict under the plan's pre-registered rule: {'passed' if starts_confirm else 'not passed'}**" in text
+    assert "--rule issue_or_weak" in text and "The issue's gate" in text
 
 
 def test_main_gives_no_verdict_while_pilot_runs_are_missing(tmp_path, monkeypatch):
