@@ -62,6 +62,7 @@ def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagg
     """Run ``config``'s grid with ``workers`` runner processes (one torch thread each) and wait until every run has a
     result file or none is running any more; returns the runs still pending (those whose worker failed)."""
     os.makedirs(log_dir, exist_ok=True)
+    config, results_dir = os.path.abspath(config), os.path.abspath(results_dir)  # the workers run from the repo root
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     name = Path(results_dir).name
     procs = []
