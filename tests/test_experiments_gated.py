@@ -164,3 +164,14 @@ def test_a_confirmatory_config_trains_as_its_pilot(pilot, confirm):
         differ = {k for k in dev["vanilla"] if dev["vanilla"][k] != test[method][k]}
         assert differ <= EVAL_ONLY, (confirm, method, {k: (dev["vanilla"][k], test[method][k]) for k in differ})
         assert dev["vanilla"]["eval_split"] == "dev" and test[method]["eval_split"] == "test"
+
+
+def test_run_workers_hands_absolute_paths_to_workers(tmp_path, monkeypatch):
+    """Workers run from the repository root, so relative paths given from elsewhere must arrive absolute."""
+    _config(tmp_path / "c.yaml", "  - {learn: [sst5], methods: [vanilla], seeds: [0]}\n")
+    seen = []
+    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, model: seen.append((config, results_dir))
+                        or [sys.executable, "-c", "pass"])
+    monkeypatch.chdir(tmp_path)
+    assert gated.run_workers("c.yaml", "r", 1, "logs", poll=0.01) == ["sst5__none__vanilla__s0"]
+    assert seen == [(str(tmp_path / "c.yaml"), str(tmp_path / "r"))]
