@@ -84,16 +84,8 @@ def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagg
 
 def held(results_dir: str, run_id: str) -> bool:
     """Whether a live process on this machine holds ``run_id``'s lock (a dead owner's lock does not count)."""
-    try:
-        host, pid = Path(results_dir, f"{run_id}.lock").read_text(encoding="utf-8").strip().rsplit(":", 1)
-    except (OSError, ValueError):
-        return False
-    return host == platform.node() and runner.pid_alive(int(pid))
-
-
-def gate_path(results_dir: str) -> Path:
-    path = Path(results_dir)
-    return path.parent / f"{path.name}.gate.json"
+    holder = runner.lock_owner(results_dir, run_id)
+    return holder is not None and holder[0] == platform.node() and runner.pid_alive(holder[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"pilot": args.pilot, "confirm": args.confirm, "model": args.model, "rule": args.rule,
               "rule_text": RULES[args.rule], "seeds": args.seeds, "gate": g, "passed": passed,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    gate_path(pilot_dir).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    summarize.gate_path(pilot_dir).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"[gated] gate {'PASSED' if passed else 'NOT PASSED'} ({args.rule}): gain {100 * g.get('gain', 0):+.1f} "
           f"points, seed SD {100 * g.get('sd', float('nan')):.2f}, largest label share "
           f"{100 * g.get('max_share', float('nan')):.1f} %", flush=True)

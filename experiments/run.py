@@ -533,12 +533,8 @@ def claim(results_dir: str, run_id: str) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    host, pid = f.read().strip().rsplit(":", 1)
-            except (OSError, ValueError):
-                return False
-            if host != platform.node() or pid_alive(int(pid)):
+            holder = lock_owner(results_dir, run_id)
+            if holder is None or holder[0] != platform.node() or pid_alive(holder[1]):
                 return False
             os.remove(path)  # stale: its process is gone
             continue
@@ -546,6 +542,16 @@ def claim(results_dir: str, run_id: str) -> bool:
             f.write(owner)
         return True
     return False
+
+
+def lock_owner(results_dir: str, run_id: str) -> tuple[str, int] | None:
+    """``(host, pid)`` written in ``<run_id>.lock``, or None when there is no readable lock."""
+    try:
+        with open(os.path.join(results_dir, f"{run_id}.lock"), encoding="utf-8") as f:
+            host, pid = f.read().strip().rsplit(":", 1)
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:

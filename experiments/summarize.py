@@ -629,6 +629,12 @@ def gate(runs: list[dict[str, Any]], learn: str = "sst5", min_gain: float = 0.10
                                                                           for s in shares)}
 
 
+def gate_path(results_dir: str | Path) -> Path:
+    """Where ``experiments.gated`` writes a pilot folder's verdict: ``<folder>.gate.json`` next to it."""
+    path = Path(results_dir)
+    return path.parent / f"{path.name}.gate.json"
+
+
 def gate_markdown(g: dict[str, Any], record: dict[str, Any] | None = None) -> str:
     """The gate's statistics; with ``record`` (``<pilot>.gate.json`` from ``experiments.gated``) also the verdict
     under the rule the plan fixed in advance."""
@@ -834,8 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.results_dir)
     sections = {name: load_runs(str(out / name)) for name in SECTIONS}
-    verdicts = {name: json.loads((out / f"{name}.gate.json").read_text(encoding="utf-8"))
-                for name in SECTIONS if (out / f"{name}.gate.json").is_file()}
+    verdicts = {name: json.loads(gate_path(out / name).read_text(encoding="utf-8"))
+                for name in SECTIONS if gate_path(out / name).is_file()}
     generated, tables = generated_markdown(sections, out / "optimizer_probe.json", verdicts)
     for name, rows in tables.items():
         write_csv(out / f"{name}.csv", [flat_row(r) for r in rows])
