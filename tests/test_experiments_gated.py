@@ -175,3 +175,18 @@ def test_run_workers_hands_absolute_paths_to_workers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert gated.run_workers("c.yaml", "r", 1, "logs", poll=0.01) == ["sst5__none__vanilla__s0"]
     assert seen == [(str(tmp_path / "c.yaml"), str(tmp_path / "r"))]
+
+
+def test_runner_claim_takes_over_only_a_dead_owners_lock(tmp_path):
+    """The runner and gated read locks the same way: a live owner keeps its run, a dead owner's lock is taken over."""
+    from experiments import run
+
+    (tmp_path / "a.lock").write_text(f"{platform.node()}:{os.getpid()}")
+    (tmp_path / "b.lock").write_text(f"{platform.node()}:999999999")
+    (tmp_path / "c.lock").write_text("garbled")
+    assert run.lock_owner(str(tmp_path), "a") == (platform.node(), os.getpid())
+    assert run.lock_owner(str(tmp_path), "c") is None and run.lock_owner(str(tmp_path), "none") is None
+    assert not run.claim(str(tmp_path), "a") and gated.held(str(tmp_path), "a")
+    assert run.claim(str(tmp_path), "b") and (tmp_path / "b.lock").read_text() == f"{platform.node()}:{os.getpid()}"
+    assert not run.claim(str(tmp_path), "c")  # unreadable: left alone
+    assert run.claim(str(tmp_path), "d")  # no lock yet
