@@ -88,6 +88,12 @@ def held(results_dir: str, run_id: str) -> bool:
     return holder is not None and holder[0] == platform.node() and runner.pid_alive(holder[1])
 
 
+def same_verdict(record: dict[str, Any], rule: str, seeds: int, g: dict[str, Any], passed: bool) -> bool:
+    """Whether a recorded verdict is the one the pilot's run files give now (same rule, seeds, statistics, outcome)."""
+    same_stats = json.dumps(record.get("gate"), sort_keys=True) == json.dumps(g, sort_keys=True)  # NaN-safe
+    return same_stats and (record.get("rule"), record.get("seeds"), record.get("passed")) == (rule, seeds, passed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pilot", required=True, help="The pilot's config (dev split): its vanilla seeds are gated.")
@@ -116,10 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     g = summarize.gate(summarize.load_runs(pilot_dir), learn=args.learn)
     passed = verdict(g, args.rule, args.seeds)
-    record = {"pilot": args.pilot, "confirm": args.confirm, "model": args.model, "rule": args.rule,
-              "rule_text": RULES[args.rule], "seeds": args.seeds, "gate": g, "passed": passed,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    summarize.gate_path(pilot_dir).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    path = summarize.gate_path(pilot_dir)
+    if path.exists():  # judged once: a resumed plan keeps its first verdict, and refuses a different one
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not same_verdict(record, args.rule, args.seeds, g, passed):
+            print(f"[gated] {path} records a different verdict (judged {record.get('time')}) than the pilot's run "
+                  "files give now; a plan is judged once, so nothing is started. Restore the pilot's run files, or "
+                  "move the verdict file away to judge a new plan.", flush=True)
+            return 2
+        print(f"[gated] verdict on record since {record.get('time')}", flush=True)
+    else:
+        record = {"pilot": args.pilot, "confirm": args.confirm, "model": args.model, "rule": args.rule,
+                  "rule_text": RULES[args.rule], "seeds": args.seeds, "gate": g, "passed": passed,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"[gated] gate {'PASSED' if passed else 'NOT PASSED'} ({args.rule}): gain {100 * g.get('gain', 0):+.1f} "
           f"points, seed SD {100 * g.get('sd', float('nan')):.2f}, largest label share "
           f"{100 * g.get('max_share', float('nan')):.1f} %", flush=True)

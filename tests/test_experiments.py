@@ -1,8 +1,10 @@
 """experiments/: the lm-eval task YAMLs, answer extraction, splits and the runner end to end on a tiny model."""
 
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -406,6 +408,19 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     half_rows = (results / f"{half.name}.csv").read_text().splitlines()
     assert len(half_rows) == 1 + 5 and any(r.startswith("sst5,dental,lwf_coef01,vanilla,1,") for r in half_rows)
     assert (tmp_path / "results_pilot.png").exists()
+    for seed in (2, 3, 4):  # five pairs: the confirmatory test is read, with what it could have detected
+        for method, forget in (("vanilla", "none"), ("lwf", "dental")):
+            record = json.loads((confirm / f"sst5__{forget}__{method}__s{seed % 2}.json").read_text())
+            record["spec"]["seed"], record["run_id"] = seed, f"sst5__{forget}__{method}__s{seed}"
+            if method == "lwf":
+                ev = record["eval"]["sst5"]
+                ev["gold_logprobs"] = [v + 0.01 * seed for v in ev["gold_logprobs"]]
+            (confirm / f"{record['run_id']}.json").write_text(json.dumps(record))
+    assert summarize.main(["--results_dir", str(results), "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    confirm_text = text[text.index(f"configs/{summarize.CONFIRM_CONFIG}"):text.index("configs/pilot.yaml")]
+    assert "Interim" not in confirm_text and "Sensitivity (after the fact" in confirm_text
+    assert "| sst5 | dental | lwf vs vanilla | 5 | gold_logprob (primary)" in confirm_text
 
 
 def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):
@@ -534,6 +549,37 @@ def test_power_and_seeds_needed_match_published_values():
     assert paired_t_power(34, 0.5, 1.0) == pytest.approx(0.808, abs=0.002)
     with pytest.raises(ValueError, match="positive"):
         seeds_needed(0.03, 0.0)
+
+
+def test_detectable_effect_against_simulated_paired_t_tests():
+    import numpy as np
+    from scipy import stats
+
+    from experiments.summarize import detectable_effect
+
+    # Reference: draw 20,000 five-seed designs with per-seed Δ ~ N(effect, sd); count the two-sided t-test's rejections.
+    n, sd = 5, 0.7
+    effect = detectable_effect(n, sd)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(effect, sd, size=(20000, n))
+    rejected = stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05
+    assert rejected.mean() == pytest.approx(0.8, abs=0.01)
+    assert detectable_effect(10, 1.0) == pytest.approx(0.99, abs=0.01)  # G*Power: d = 1 at n = 10 gives 0.803
+    assert detectable_effect(10, 2.0) == pytest.approx(2 * detectable_effect(10, 1.0))  # scales with the SD
+    assert math.isnan(detectable_effect(1, 1.0)) and math.isnan(detectable_effect(5, 0.0))
+
+
+def test_sensitivity_line_reads_the_lwf_against_vanilla_spread():
+    from experiments.summarize import detectable_effect, sensitivity_markdown
+
+    rows = [{"method": "lwf", "reference": "vanilla",
+             "learn_stats": {"acc": {"deltas": [0.0, 0.01, -0.01, 0.02, -0.005]},
+                             "gold_logprob": {"deltas": [0.001, -0.002, 0.0, 0.003, 0.001]}}}]
+    text = sensitivity_markdown(rows)
+    acc_sd = statistics.stdev([0.0, 1.0, -1.0, 2.0, -0.5])
+    assert f"{detectable_effect(5, acc_sd):.1f} points of accuracy (SD of the per-seed Δ {acc_sd:.1f}, 5 seeds)" in text
+    assert "nats of gold log-probability" in text and text.index("nats") < text.index("points")
+    assert sensitivity_markdown([{"method": "vanilla", "reference": "base", "learn_stats": {}}]) == ""
 
 
 def test_tost_against_two_scipy_one_sided_tests():

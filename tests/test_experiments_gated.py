@@ -97,6 +97,46 @@ def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatc
     assert "--rule issue_or_weak" in text and "The issue's gate" in text
 
 
+def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monkeypatch, capsys):
+    pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
+    pilot_dir = tmp_path / "results" / "pilot"
+    accs = [[0.53, 0.50, 0.56, 0.51, 0.55]]
+    confirms = []
+
+    def fake_workers(config, results_dir, workers, log_dir, model=None):
+        if config == pilot_cfg:
+            os.makedirs(results_dir, exist_ok=True)
+            for r in _records(accs[0]):
+                Path(results_dir, f"{r['run_id']}.json").write_text(json.dumps(r), encoding="utf-8")
+        else:
+            confirms.append(config)
+        return []
+
+    monkeypatch.setattr(gated, "run_workers", fake_workers)
+    argv = ["--pilot", pilot_cfg, "--confirm", pilot_cfg + ".c", "--rule", "issue_or_weak", "--pilot_dir",
+            str(pilot_dir), "--log_dir", str(tmp_path / "logs")]
+    Path(pilot_cfg + ".c").write_text("grid: []\n")
+    assert gated.main(argv) == 0
+    verdict_file = tmp_path / "results" / "pilot.gate.json"
+    first = json.loads(verdict_file.read_text())
+    first["time"] = "2026-01-01T00:00:00Z"  # as if judged in an earlier session
+    verdict_file.write_text(json.dumps(first))
+    assert gated.main(argv) == 0  # resumed: same files, same verdict, first judgment kept
+    assert json.loads(verdict_file.read_text())["time"] == "2026-01-01T00:00:00Z" and len(confirms) == 2
+    assert "verdict on record since 2026-01-01T00:00:00Z" in capsys.readouterr().out
+    accs[0] = [0.45, 0.44, 0.46, 0.45, 0.455]  # the pilot's run files changed after the verdict: refused
+    assert gated.main(argv) == 2 and len(confirms) == 2
+    assert "records a different verdict" in capsys.readouterr().out
+    assert json.loads(verdict_file.read_text()) == first
+
+
+def test_the_committed_verdict_is_what_its_run_files_give():
+    pilot_dir = REPO / "experiments" / "results" / "pilot_decay300"
+    record = json.loads(summarize.gate_path(pilot_dir).read_text())
+    g = summarize.gate(summarize.load_runs(str(pilot_dir)))
+    assert record["passed"] and gated.same_verdict(record, "issue_or_weak", 5, g, gated.verdict(g, "issue_or_weak", 5))
+
+
 def test_main_gives_no_verdict_while_pilot_runs_are_missing(tmp_path, monkeypatch):
     pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
     monkeypatch.setattr(gated, "run_workers", lambda *a, **k: ["sst5__none__vanilla__s4"])
