@@ -88,10 +88,14 @@ def held(results_dir: str, run_id: str) -> bool:
     return holder is not None and holder[0] == platform.node() and runner.pid_alive(holder[1])
 
 
-def same_verdict(record: dict[str, Any], rule: str, seeds: int, g: dict[str, Any], passed: bool) -> bool:
-    """Whether a recorded verdict is the one the pilot's run files give now (same rule, seeds, statistics, outcome)."""
+def same_verdict(record: dict[str, Any], rule: str, seeds: int, g: dict[str, Any], passed: bool,
+                 confirm: str | None = None, model: str | None = None) -> bool:
+    """Whether a recorded verdict is the one this command would give now: same rule, seeds, gate statistics and
+    outcome, and the same confirmatory config and model (a verdict never starts a run its plan did not name)."""
     same_stats = json.dumps(record.get("gate"), sort_keys=True) == json.dumps(g, sort_keys=True)  # NaN-safe
-    return same_stats and (record.get("rule"), record.get("seeds"), record.get("passed")) == (rule, seeds, passed)
+    same_plan = confirm is None or (record.get("confirm"), record.get("model")) == (confirm, model)
+    return same_stats and same_plan and \
+        (record.get("rule"), record.get("seeds"), record.get("passed")) == (rule, seeds, passed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     passed = verdict(g, args.rule, args.seeds)
     path = summarize.gate_path(pilot_dir)
     if path.exists():  # judged once: a resumed plan keeps its first verdict, and refuses a different one
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if not same_verdict(record, args.rule, args.seeds, g, passed):
-            print(f"[gated] {path} records a different verdict (judged {record.get('time')}) than the pilot's run "
-                  "files give now; a plan is judged once, so nothing is started. Restore the pilot's run files, or "
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            print(f"[gated] {path}: unreadable verdict file ({err}); nothing is started.", flush=True)
+            return 2
+        if not same_verdict(record, args.rule, args.seeds, g, passed, args.confirm, args.model):
+            print(f"[gated] {path} (judged {record.get('time')}) records another rule, seed count, confirmatory "
+                  "config, model, gate statistics or verdict than this command and the pilot's run files give now; "
+                  "a plan is judged once, so nothing is started. Restore the pilot's run files and arguments, or "
                   "move the verdict file away to judge a new plan.", flush=True)
             return 2
         print(f"[gated] verdict on record since {record.get('time')}", flush=True)

@@ -671,7 +671,7 @@ def gate_markdown(g: dict[str, Any], record: dict[str, Any] | None = None) -> st
 
 
 def lwf_delta_sd(rows: list[dict[str, Any]], key: str = "acc") -> tuple[float, int] | None:
-    """SD of the per-seed LWF − vanilla Δ of ``key`` in the pilot's rows, with its number of seeds (at least 2)."""
+    """SD of the per-seed LWF − vanilla Δ of ``key`` in a section's comparison rows, with its number of seeds (≥ 2)."""
     for r in rows:
         if r["method"] == "lwf" and r["reference"] == "vanilla":
             deltas = r["learn_stats"].get(key, {}).get("deltas", [])
@@ -710,6 +710,8 @@ def sensitivity_markdown(rows: list[dict[str, Any]]) -> str:
         if measured is None:
             continue
         sd, n = measured
+        if not sd > 0:  # every seed moved alike: no spread to size a test from
+            continue
         parts.append(f"{scale * detectable_effect(n, sd):{fmt}} {unit} (SD of the per-seed Δ "
                      f"{scale * sd:{fmt}}, {n} seeds)")
     if not parts:
@@ -739,8 +741,10 @@ def section(name: str, runs: list[dict[str, Any]], methods: tuple[str, ...], sta
     parts = [f"#### Learning task ({name})\n",
              "Against the untrained model (base):\n", markdown_comparison(vs_base, runs)]
     if vs_vanilla:
-        parts += [f"\nAgainst vanilla fine-tuning with the same seed ({m} comparison{'' if m == 1 else 's'} on the primary endpoint; "
-                  "`p Holm` corrects the seed-level t-test for them):\n", markdown_comparison(vs_vanilla, runs)]
+        holm_text = ("one comparison on the primary endpoint, so `p Holm` equals its p" if m == 1 else
+                     f"{m} comparisons on the primary endpoint; `p Holm` corrects the seed-level t-test for them")
+        parts += [f"\nAgainst vanilla fine-tuning with the same seed ({holm_text}):\n",
+                  markdown_comparison(vs_vanilla, runs)]
     parts += [f"\n#### Forgetting endpoints ({name})\n", markdown_forgetting(vs_base + vs_vanilla, runs),
               f"\n#### Every run ({name})\n", markdown_runs(runs, stale)]
     return "\n".join(parts), vs_base + vs_vanilla

@@ -420,6 +420,7 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     text = docs.read_text()
     confirm_text = text[text.index(f"configs/{summarize.CONFIRM_CONFIG}"):text.index("configs/pilot.yaml")]
     assert "Interim" not in confirm_text and "Sensitivity (after the fact" in confirm_text
+    assert "nan" not in confirm_text.split("Sensitivity", 1)[1].split("\n", 1)[0]
     assert "| sst5 | dental | lwf vs vanilla | 5 | gold_logprob (primary)" in confirm_text
 
 
@@ -580,6 +581,8 @@ def test_sensitivity_line_reads_the_lwf_against_vanilla_spread():
     assert f"{detectable_effect(5, acc_sd):.1f} points of accuracy (SD of the per-seed Δ {acc_sd:.1f}, 5 seeds)" in text
     assert "nats of gold log-probability" in text and text.index("nats") < text.index("points")
     assert sensitivity_markdown([{"method": "vanilla", "reference": "base", "learn_stats": {}}]) == ""
+    alike = [{"method": "lwf", "reference": "vanilla", "learn_stats": {"acc": {"deltas": [0.01] * 5}}}]
+    assert sensitivity_markdown(alike) == ""  # no spread: nothing to size, and no "nan" in the docs
 
 
 def test_tost_against_two_scipy_one_sided_tests():

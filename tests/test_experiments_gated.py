@@ -126,15 +126,24 @@ def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monk
     assert "verdict on record since 2026-01-01T00:00:00Z" in capsys.readouterr().out
     accs[0] = [0.45, 0.44, 0.46, 0.45, 0.455]  # the pilot's run files changed after the verdict: refused
     assert gated.main(argv) == 2 and len(confirms) == 2
-    assert "records a different verdict" in capsys.readouterr().out
+    assert "a plan is judged once" in capsys.readouterr().out
     assert json.loads(verdict_file.read_text()) == first
+    accs[0] = [0.53, 0.50, 0.56, 0.51, 0.55]  # the same files, but another confirmatory config or model: refused
+    other = str(tmp_path / "other.yaml")
+    Path(other).write_text("grid: []\n")
+    assert gated.main(argv[:3] + [other] + argv[4:]) == 2 and gated.main(argv + ["--model", "m/x"]) == 2
+    assert gated.main(argv[:5] + ["weak"] + argv[6:]) == 2 and len(confirms) == 2  # another rule
+    verdict_file.write_text("{not json")  # a damaged verdict file is refused by name, not crashed on
+    assert gated.main(argv) == 2 and "unreadable verdict file" in capsys.readouterr().out
 
 
 def test_the_committed_verdict_is_what_its_run_files_give():
     pilot_dir = REPO / "experiments" / "results" / "pilot_decay300"
     record = json.loads(summarize.gate_path(pilot_dir).read_text())
     g = summarize.gate(summarize.load_runs(str(pilot_dir)))
-    assert record["passed"] and gated.same_verdict(record, "issue_or_weak", 5, g, gated.verdict(g, "issue_or_weak", 5))
+    passed = gated.verdict(g, "issue_or_weak", 5)  # and the documented resume command names the same plan
+    assert record["passed"] and gated.same_verdict(record, "issue_or_weak", 5, g, passed,
+                                                   "experiments/configs/confirm_decay300.yaml", None)
 
 
 def test_main_gives_no_verdict_while_pilot_runs_are_missing(tmp_path, monkeypatch):
