@@ -88,14 +88,13 @@ def held(results_dir: str, run_id: str) -> bool:
     return holder is not None and holder[0] == platform.node() and runner.pid_alive(holder[1])
 
 
-def same_verdict(record: dict[str, Any], rule: str, seeds: int, g: dict[str, Any], passed: bool,
-                 confirm: str | None = None, model: str | None = None) -> bool:
+def same_verdict(record: dict[str, Any], rule: str, seeds: int, g: dict[str, Any], passed: bool, confirm: str,
+                 model: str | None) -> bool:
     """Whether a recorded verdict is the one this command would give now: same rule, seeds, gate statistics and
     outcome, and the same confirmatory config and model (a verdict never starts a run its plan did not name)."""
     same_stats = json.dumps(record.get("gate"), sort_keys=True) == json.dumps(g, sort_keys=True)  # NaN-safe
-    same_plan = confirm is None or (record.get("confirm"), record.get("model")) == (confirm, model)
-    return same_stats and same_plan and \
-        (record.get("rule"), record.get("seeds"), record.get("passed")) == (rule, seeds, passed)
+    keys = ("rule", "seeds", "passed", "confirm", "model")
+    return same_stats and tuple(record.get(k) for k in keys) == (rule, seeds, passed, confirm, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,22 +69,28 @@ def _config(path: Path, grid: str) -> str:
 PILOT_GRID = "  - {learn: [sst5], methods: [base], seeds: [0]}\n  - {learn: [sst5], methods: [vanilla], seeds: [0, 1, 2, 3, 4]}\n"
 
 
+def _fake_workers(monkeypatch, pilot_cfg: str, accs) -> list[tuple]:
+    """Replace the worker processes: the pilot "finishes" with the vanilla accuracies ``accs()``; returns the calls."""
+    calls = []
+
+    def fake_workers(config, results_dir, workers, log_dir, model=None):
+        calls.append((config, results_dir, workers, model))
+        if config == pilot_cfg:
+            os.makedirs(results_dir, exist_ok=True)
+            for r in _records(accs()):
+                Path(results_dir, f"{r['run_id']}.json").write_text(json.dumps(r), encoding="utf-8")
+        return []
+
+    monkeypatch.setattr(gated, "run_workers", fake_workers)
+    return calls
+
+
 @pytest.mark.parametrize("accs, starts_confirm", [(None, False), ([0.53, 0.50, 0.56, 0.51, 0.55], True)])
 def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatch, accs, starts_confirm):
     pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
     confirm_cfg = _config(tmp_path / "confirm.yaml", "  - {learn: [sst5], methods: [vanilla], seeds: [0]}\n")
     pilot_dir, confirm_dir = tmp_path / "results" / "pilot", tmp_path / "results" / "confirm"
-    calls = []
-
-    def fake_workers(config, results_dir, workers, log_dir, model=None):  # the pilot "finishes" with accs
-        calls.append((config, results_dir, workers, model))
-        if config == pilot_cfg:
-            os.makedirs(results_dir, exist_ok=True)
-            for r in _records(accs):
-                Path(results_dir, f"{r['run_id']}.json").write_text(json.dumps(r), encoding="utf-8")
-        return []
-
-    monkeypatch.setattr(gated, "run_workers", fake_workers)
+    calls = _fake_workers(monkeypatch, pilot_cfg, lambda: accs)
     argv = ["--pilot", pilot_cfg, "--confirm", confirm_cfg, "--rule", "issue_or_weak", "--pilot_dir", str(pilot_dir),
             "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs"), "--model", "m/x"]
     assert gated.main(argv) == 0
@@ -101,18 +107,11 @@ def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monk
     pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
     pilot_dir = tmp_path / "results" / "pilot"
     accs = [[0.53, 0.50, 0.56, 0.51, 0.55]]
-    confirms = []
+    calls = _fake_workers(monkeypatch, pilot_cfg, lambda: accs[0])
 
-    def fake_workers(config, results_dir, workers, log_dir, model=None):
-        if config == pilot_cfg:
-            os.makedirs(results_dir, exist_ok=True)
-            for r in _records(accs[0]):
-                Path(results_dir, f"{r['run_id']}.json").write_text(json.dumps(r), encoding="utf-8")
-        else:
-            confirms.append(config)
-        return []
+    def confirms():  # the confirmatory stages started so far
+        return [c for c in calls if c[0] != pilot_cfg]
 
-    monkeypatch.setattr(gated, "run_workers", fake_workers)
     argv = ["--pilot", pilot_cfg, "--confirm", pilot_cfg + ".c", "--rule", "issue_or_weak", "--pilot_dir",
             str(pilot_dir), "--log_dir", str(tmp_path / "logs")]
     Path(pilot_cfg + ".c").write_text("grid: []\n")
@@ -122,17 +121,17 @@ def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monk
     first["time"] = "2026-01-01T00:00:00Z"  # as if judged in an earlier session
     verdict_file.write_text(json.dumps(first))
     assert gated.main(argv) == 0  # resumed: same files, same verdict, first judgment kept
-    assert json.loads(verdict_file.read_text())["time"] == "2026-01-01T00:00:00Z" and len(confirms) == 2
+    assert json.loads(verdict_file.read_text())["time"] == "2026-01-01T00:00:00Z" and len(confirms()) == 2
     assert "verdict on record since 2026-01-01T00:00:00Z" in capsys.readouterr().out
     accs[0] = [0.45, 0.44, 0.46, 0.45, 0.455]  # the pilot's run files changed after the verdict: refused
-    assert gated.main(argv) == 2 and len(confirms) == 2
+    assert gated.main(argv) == 2 and len(confirms()) == 2
     assert "a plan is judged once" in capsys.readouterr().out
     assert json.loads(verdict_file.read_text()) == first
     accs[0] = [0.53, 0.50, 0.56, 0.51, 0.55]  # the same files, but another confirmatory config or model: refused
     other = str(tmp_path / "other.yaml")
     Path(other).write_text("grid: []\n")
     assert gated.main(argv[:3] + [other] + argv[4:]) == 2 and gated.main(argv + ["--model", "m/x"]) == 2
-    assert gated.main(argv[:5] + ["weak"] + argv[6:]) == 2 and len(confirms) == 2  # another rule
+    assert gated.main(argv[:5] + ["weak"] + argv[6:]) == 2 and len(confirms()) == 2  # another rule
     verdict_file.write_text("{not json")  # a damaged verdict file is refused by name, not crashed on
     assert gated.main(argv) == 2 and "unreadable verdict file" in capsys.readouterr().out
 
