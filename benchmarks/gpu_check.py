@@ -9,7 +9,7 @@ Checks, each a short LWFTrainer run that must end with real ascent steps, a fini
 precision), ``resume`` (a run stopped after a checkpoint and resumed ends at the uninterrupted run's weights, with
 the state on the parameters' device), ``fsdp`` (FSDP2 through accelerate on one GPU, under torchrun; skipped in
 the dry run: accelerate builds FSDP only on GPUs), ``zero3`` (DeepSpeed ZeRO-3 on one GPU through the Trainer's
-``deepspeed`` argument, bf16, with the SGD ascent DeepSpeed requires, under a one-rank torchrun; in the dry run the
+``deepspeed`` argument, bf16, with the default preconditioned ascent, under a one-rank torchrun; in the dry run the
 same on the CPU in fp32 with DeepSpeed's CPU accelerator, and skipped when DeepSpeed is not installed).
 ``--step fsdp-worker`` and ``--step zero3-worker`` are what torchrun runs.
 """
@@ -176,12 +176,11 @@ def zero3_worker(out: str, dry: bool) -> None:
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-    trainer = _trainer(model.float(), tokenizer, out, dry, bf16=not dry, deepspeed=config,
-                       lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=1e-3)
+    trainer = _trainer(model.float(), tokenizer, out, dry, bf16=not dry, deepspeed=config)
     trainer.train()
     state = trainer.lwf_callback.lwf_state
     params = trainable_parameters(trainer.model)
-    assert trainer.lwf_callback.deepspeed_stage == 3 and all(hasattr(p, "ds_id") for p in params.values())
+    assert trainer.lwf_run.backend.name == "zero3" and all(hasattr(p, "ds_id") for p in params.values())
     assert state.unlearn_steps > 0, f"no ascent step was applied: {state.run_summary()}"
     assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in state.fisher.values()), "F not fp32"
     assert all(state.reference[n].dtype == p.ds_tensor.dtype for n, p in params.items()), "theta_ref not exact"

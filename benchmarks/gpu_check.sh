@@ -6,7 +6,7 @@
 #
 # 1. the gpu-marked tests (pytest -m gpu; the 2-GPU ones skip on one GPU);
 # 2. benchmarks/gpu_check.py: SmolLM2 with LWFTrainer in bf16; the same with LoRA and gradient checkpointing;
-#    a resume on CUDA; FSDP2 on one GPU (torchrun); DeepSpeed ZeRO-3 on one GPU (torchrun, lwf_unlearn_optimizer="sgd";
+#    a resume on CUDA; FSDP2 on one GPU (torchrun); DeepSpeed ZeRO-3 on one GPU (torchrun, the default preconditioned ascent;
 #    in the dry run a one-rank ZeRO-3 run on the CPU with DeepSpeed's CPU accelerator);
 # 3. the benchmark figures in bf16 (benchmarks/run.py on SmolLM2 and the tiny model), written as
 #    benchmarks/results/<gpu>.json next to the CPU results, and docs/benchmarks.md regenerated.

@@ -1,7 +1,8 @@
 """hf_lwf: Learning With Forgetting ("Graceful Forgetting in Generative Language Models") for the HF Trainer."""
 
-from .callback import LWFCallback, LWFUnlearningError
+from .callback import LWFCallback
 from .config import LWFConfig, LWFTrainingArguments
+from .run import LWFRun, LWFUnlearningError
 from .state import LWFState
 from .trainer import LWFTrainer, LWFTrainerMixin
 
@@ -9,6 +10,7 @@ from .trainer import LWFTrainer, LWFTrainerMixin
 __version__ = "0.1.0"
 
 __all__ = [
-    "LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments", "LWFUnlearningError",
+    "LWFCallback", "LWFConfig", "LWFRun", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments",
+    "LWFUnlearningError",
     "__version__",
 ]

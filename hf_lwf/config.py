@@ -12,34 +12,23 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+import functools
+import types
+import typing
 from typing import Any, Literal, Optional, Union
 
 from transformers import TrainingArguments
 
 
-# Fields that change what the self-generated data D_self contains; a change forces regeneration on resume.
-GENERATION_FIELDS = (
-    "lwf_forget_prompts",
-    "lwf_forget_prompt_column",
-    "lwf_samples_per_prompt",
-    "lwf_max_new_tokens",
-    "lwf_temperature",
-    "lwf_top_p",
-    "lwf_seed",
-)
-
-# What a changed value does on resume (hf_lwf.callback): a selection field re-selects D_U from the stored scores, a
-# scoring field makes the next unlearning point score D_self again, and a Fisher-state field is refused (the saved F
-# was accumulated under the old value). Every other field applies from the next unlearning point.
-SELECTION_FIELDS = (
-    "lwf_forget_ratio",
-    "lwf_forget_top_k",
-    "lwf_confidence_threshold",
-    "lwf_selection",
-    "lwf_per_task_selection",
-)
-SCORING_FIELDS = ("lwf_confidence", "lwf_mask_ratio", "lwf_fisher_samples")
-FIXED_ON_RESUME_FIELDS = ("lwf_fisher", "lwf_fisher_decay", "lwf_fisher_dtype", "lwf_schedule")
+# What a changed value does when a run resumes (``metadata["on_resume"]`` of each field; hf_lwf.resume applies it):
+ON_RESUME = {
+    "regenerate": "D_self is generated again from the current model",
+    "reselect": "D_U is selected again from the stored scores",
+    "rescore": "D_self is scored and D_U selected again at the next unlearning point",
+    "fixed": "refused: the saved Fisher (or the unlearning already done) depends on it",
+    "runtime": "changes only how fast or where the work runs, never its result",
+    "next_point": "applies from the next unlearning point",
+}
 
 
 @dataclass
@@ -55,167 +44,191 @@ class LWFConfig:
         metadata={
             "help": "Prompts of the forgetting task(s): a list of prompt strings, a .txt/.json/.jsonl/.csv/.parquet "
             "file, a datasets.Dataset, or a Hub dataset id. Several files or a dict {task name: source} (JSON on "
-            "the command line) give the mixed setting, one task each."
+            "the command line) give the mixed setting, one task each.",
+            "on_resume": "regenerate",
         },
     )
     lwf_forget_prompt_column: Optional[str] = field(
         default=None,
         metadata={
             "help": "Column holding the prompt in tabular sources. Default: the first of prompt, question, "
-            "instruction, text that exists."
+            "instruction, text that exists.",
+            "on_resume": "regenerate",
         },
     )
     lwf_samples_per_prompt: int = field(
-        default=2, metadata={"help": "Step 1: responses K sampled from the model for every forgetting prompt."}
+        default=2,
+        metadata={"help": "Step 1: responses K sampled from the model for every forgetting prompt.",
+                  "on_resume": "regenerate", "min": 1},
     )
-    lwf_max_new_tokens: int = field(default=64, metadata={"help": "Step 1: maximum length of each response."})
+    lwf_max_new_tokens: int = field(
+        default=64, metadata={"help": "Step 1: maximum length of each response.", "on_resume": "regenerate", "min": 1}
+    )
     lwf_temperature: float = field(
-        default=1.0, metadata={"help": "Step 1: sampling temperature; 0 means greedy decoding."}
+        default=1.0, metadata={"help": "Step 1: sampling temperature; 0 means greedy decoding.", "on_resume": "regenerate"}
     )
-    lwf_top_p: float = field(default=0.95, metadata={"help": "Step 1: nucleus sampling probability mass."})
+    lwf_top_p: float = field(
+        default=0.95, metadata={"help": "Step 1: nucleus sampling probability mass.", "on_resume": "regenerate"}
+    )
     lwf_generation_batch_size: int = field(
-        default=8, metadata={"help": "Step 1: prompts per generate() call (left padded)."}
+        default=8,
+        metadata={"help": "Step 1: prompts per generate() call (left padded).", "on_resume": "runtime", "min": 1},
     )
     lwf_fisher: Literal["online", "empirical"] = field(
         default="online",
         metadata={
             "help": "Step 2: 'online' = running mean of squared learning gradients at every optimizer step (free); "
-            "'empirical' = mean of squared per-sample gradients of lwf_fisher_samples learning examples."
+            "'empirical' = mean of squared per-sample gradients of lwf_fisher_samples learning examples.",
+            "on_resume": "fixed",
         },
     )
     lwf_fisher_decay: float = field(
-        default=0.95, metadata={"help": "Step 2: decay beta of the online Fisher (bias corrected)."}
+        default=0.95,
+        metadata={"help": "Step 2: decay beta of the online Fisher (bias corrected).", "on_resume": "fixed"},
     )
     lwf_fisher_samples: int = field(
-        default=32, metadata={"help": "Step 2: learning examples for the empirical Fisher (and the early schedule)."}
+        default=32,
+        metadata={"help": "Step 2: learning examples for the empirical Fisher (and the early schedule).",
+                  "on_resume": "rescore", "min": 1},
     )
     lwf_mask_ratio: float = field(
         default=1.0,
         metadata={
-            "help": "Step 2: fraction rho of trainable entries kept by the update mask (top |F*D|); 1 disables it."
+            "help": "Step 2: fraction rho of trainable entries kept by the update mask: exactly round(rho*N) entries "
+            "of largest |F*D|, ties broken by parameter name and index; 1 disables it.",
+            "on_resume": "rescore",
         },
     )
     lwf_confidence: Literal["deviation", "alignment"] = field(
         default="deviation",
         metadata={
-            "help": "Step 3: 'deviation' = full quadratic c(x) = eta*a(x) + eta^2/2*n(x); 'alignment' = eta*a(x) "
-            "only; both cost about the same scoring time. Default provisional: an exploratory sweep (old 16-step grid, "
-            "test split) found no difference beyond seed noise; the dev-set pilot decides (docs/results.md)."
+            "help": "Step 3: 'deviation' = full quadratic c(x) = sum over param groups of eta_g*a_g(x) + "
+            "eta_g^2/2*n_g(x); 'alignment' = the first term only. Both cost about one forward+backward per batch.",
+            "on_resume": "rescore",
         },
     )
     lwf_confidence_threshold: float = field(
-        default=0.0, metadata={"help": "Step 4: only samples with confidence above this value can be forgotten."}
+        default=0.0,
+        metadata={"help": "Step 4: only samples with confidence above this value can be forgotten.",
+                  "on_resume": "reselect"},
     )
     lwf_forget_ratio: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Step 4: fraction r of D_self forgotten (ceil(r*|D_self|)). Default 0.25 when lwf_forget_top_k "
-            "is not set; set only one of the two. Default provisional: 0.1 and 0.5 were not better than 0.25 in an "
-            "exploratory sweep (old 16-step grid, test split); the dev-set pilot decides (docs/results.md)."
+            "help": "Step 4: fraction r of D_self forgotten (ceil(r*|D_self|)); 0.25 when lwf_forget_top_k is not "
+            "set. Set only one of the two.",
+            "on_resume": "reselect",
         },
     )
     lwf_forget_top_k: Optional[int] = field(
-        default=None, metadata={"help": "Step 4: forget a fixed number of samples instead of a ratio."}
+        default=None,
+        metadata={"help": "Step 4: forget a fixed number of samples instead of a ratio.", "on_resume": "reselect"},
     )
     lwf_selection: Literal["top", "bottom", "random", "all"] = field(
         default="top",
         metadata={
             "help": "Step 4: 'top' (highest confidence, the method); ablations 'bottom', 'random' (same size) and "
-            "'all'."
+            "'all'.",
+            "on_resume": "reselect",
         },
     )
     lwf_per_task_selection: bool = field(
         default=False,
-        metadata={"help": "Step 4: in the mixed setting, apply ratio/top-k within each forgetting task."},
+        metadata={"help": "Step 4: in the mixed setting, apply ratio/top-k within each forgetting task.",
+                  "on_resume": "reselect"},
     )
     lwf_unlearn_every: int = field(
         default=50,
         metadata={
             "help": "Step 5: unlearn every N learning optimizer steps, starting at step N. Aim for at least 3 points "
-            "per run: fewer points forget less. Default provisional: 3, 5 or 8 of 16 steps did not differ beyond "
-            "seed noise in an exploratory sweep (old grid, test split); the dev-set pilot decides (docs/results.md)."
+            "per run: fewer points forget less.",
+            "on_resume": "next_point", "min": 1,
         },
     )
     lwf_unlearn_steps: int = field(
         default=1,
-        metadata={
-            "help": "Step 5: gradient-ascent steps per unlearning point. Default provisional: 3 was not better than 1 "
-            "and mostly hit lwf_forget_loss_cap in an exploratory sweep (old grid, test split; docs/results.md)."
-        },
+        metadata={"help": "Step 5: gradient-ascent steps per unlearning point.", "on_resume": "next_point", "min": 1},
     )
-    lwf_unlearn_batch_size: int = field(default=4, metadata={"help": "Step 5: D_U samples per ascent step."})
+    lwf_unlearn_batch_size: int = field(
+        default=4, metadata={"help": "Step 5: D_U samples per ascent step.", "on_resume": "next_point", "min": 1}
+    )
     lwf_unlearn_coef: float = field(
         default=1.0,
         metadata={
-            "help": "Step 5: weight lambda of the ascent loss. With 'preconditioned' it scales the step after clipping "
-            "(each coordinate moves at most lambda*eta); under 'shared' it barely matters (Adam normalises the scale: "
-            "0.1 forgot as much as 1 end to end, docs/results.md, defaults)."
+            "help": "Step 5: weight lambda of the ascent loss. With 'preconditioned' it scales the step after "
+            "clipping (each coordinate moves at most lambda*eta).",
+            "on_resume": "next_point",
         },
     )
     lwf_forget_loss_cap: float = field(
         default=5.0,
         metadata={
-            "help": "Step 5: bounded ascent; samples whose loss already exceeds this cap are dropped from the batch."
+            "help": "Step 5: bounded ascent; samples whose loss already exceeds this cap are dropped from the batch.",
+            "on_resume": "next_point",
         },
     )
     lwf_unlearn_optimizer: Literal["preconditioned", "sgd", "shared"] = field(
         default="preconditioned",
         metadata={
-            "help": "Step 5: 'preconditioned' = +lambda*eta*g/max(sqrt(v_hat), |g|) with the learning AdamW's second "
-            "moment v_hat read, never written (eta = learning rate of the step just taken; SGD: identity; other "
-            "optimizers are refused); 'sgd' = a separate plain SGD with lwf_unlearn_lr; 'shared' = a step of the "
-            "Trainer's optimizer at eta, which WRITES the ascent gradient into AdamW's moments and step count. "
-            "Measured per ascent step on SmolLM2-135M (docs/results.md, optimizer probe, 2 seeds): preconditioned "
-            "raised the forget loss 2.6x as much as shared (+1.58 against +0.61) and harmed the learning loss 18x less "
-            "(+0.014 against +0.26); shared has cosine 0.60 with a momentum-only step. To be confirmed on dev data."
+            "help": "Step 5: 'preconditioned' = +lambda*eta*g/max(sqrt(v_hat), |g|) with the learning optimizer's "
+            "second moment v_hat read, never written (eta = learning rate of the step just taken, per param group; "
+            "SGD: identity; other optimizers are refused); 'sgd' = a separate plain SGD with lwf_unlearn_lr; "
+            "'shared' = a step of the Trainer's optimizer at eta, which WRITES the ascent gradient into its moments "
+            "and step count. Measurements: docs/options.md.",
+            "on_resume": "next_point",
         },
     )
     lwf_unlearn_lr: Optional[float] = field(
         default=None,
         metadata={
             "help": "Step 5: learning rate of the 'sgd' unlearning optimizer, required with it (with max_grad_norm "
-            "clipping it bounds the step's norm). Measured on SmolLM2-135M full fine-tuning: 0.1 raises the forget "
-            "loss as much as one shared-AdamW step; the learning rate (1e-4) does nothing (docs/results.md)."
+            "clipping it bounds the step's norm).",
+            "on_resume": "next_point",
         },
     )
     lwf_rescore_every: int = field(
         default=0,
-        metadata={"help": "Steps 2-4: score and select D_U again every k unlearning points; 0 scores only once."},
+        metadata={"help": "Steps 2-4: score and select D_U again every k unlearning points; 0 scores only once.",
+                  "on_resume": "next_point"},
     )
     lwf_schedule: Literal["periodic", "early"] = field(
         default="periodic",
         metadata={
             "help": "'periodic' (the method) or 'early' (ablation: the same number of ascent steps, all before "
-            "fine-tuning, with the empirical Fisher)."
+            "fine-tuning, with the empirical Fisher).",
+            "on_resume": "fixed",
         },
     )
     lwf_score_batch_size: int = field(
         default=8,
         metadata={
-            "help": "Step 3: self-generated samples per scoring batch; with lwf_fisher_batch_size it bounds the "
-            "activations and fp32 logits held at once (memory model in docs/benchmarks.md)."
+            "help": "Step 3: self-generated samples per scoring batch; it bounds the activations held at once "
+            "(memory model: docs/method.md).",
+            "on_resume": "runtime", "min": 1,
         },
     )
     lwf_fisher_batch_size: int = field(
         default=8,
         metadata={
             "help": "Step 2: learning examples per forward+backward of the empirical Fisher (lwf_fisher='empirical' "
-            "and the 'early' schedule); lower it if that pass runs out of memory."
+            "and the 'early' schedule); lower it if that pass runs out of memory.",
+            "on_resume": "next_point", "min": 1,
         },
     )
     lwf_score_chunk_size: int = field(
         default=1 << 25,
         metadata={
             "help": "Steps 2-3: most per-sample gradient numbers formed at once by scoring and the empirical Fisher "
-            "(large weights such as lm_head are processed in row blocks of this size; 2**25 fp32 numbers = 128 MiB)."
+            "(large weights such as lm_head are processed in row blocks of this size; 2**25 fp32 numbers = 128 MiB).",
+            "on_resume": "runtime", "min": 1,
         },
     )
     lwf_fisher_dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
         metadata={
             "help": "Step 2: storage dtype of the online Fisher F. 'bfloat16' halves its memory; it is updated in fp32 "
-            "and rounded stochastically, so it keeps decaying at lwf_fisher_decay close to 1 (measured on SmolLM2: "
-            "1.5e-4 relative score error, same ranking; docs/benchmarks.md)."
+            "and rounded stochastically, so it keeps decaying at lwf_fisher_decay close to 1.",
+            "on_resume": "fixed",
         },
     )
     lwf_state_device: Literal["auto", "cpu"] = field(
@@ -223,10 +236,14 @@ class LWFConfig:
         metadata={
             "help": "Where F and theta_ref live: 'auto' next to their parameters; 'cpu' in pinned host memory, which "
             "frees F and theta_ref on the accelerator at the cost of a non-blocking gradient copy to the host and one "
-            "wait per step."
+            "wait per step.",
+            "on_resume": "runtime",
         },
     )
-    lwf_seed: int = field(default=42, metadata={"help": "Seed of generation, selection and the D_U sampler."})
+    lwf_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of generation, selection and the D_U sampler.", "on_resume": "regenerate"},
+    )
 
     def __post_init__(self):
         self._validate_lwf()
@@ -238,34 +255,13 @@ class LWFConfig:
         def fail(name: str, message: str) -> None:
             raise ValueError(f"`{name}` {message} (got {getattr(self, name)!r}).")
 
-        positive_ints = (
-            "lwf_samples_per_prompt",
-            "lwf_max_new_tokens",
-            "lwf_generation_batch_size",
-            "lwf_fisher_samples",
-            "lwf_unlearn_every",
-            "lwf_unlearn_steps",
-            "lwf_unlearn_batch_size",
-            "lwf_score_batch_size",
-            "lwf_fisher_batch_size",
-            "lwf_score_chunk_size",
-        )
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, "must be a positive integer")
-        choices = {
-            "lwf_fisher": ("online", "empirical"),
-            "lwf_confidence": ("deviation", "alignment"),
-            "lwf_selection": ("top", "bottom", "random", "all"),
-            "lwf_unlearn_optimizer": ("preconditioned", "sgd", "shared"),
-            "lwf_schedule": ("periodic", "early"),
-            "lwf_fisher_dtype": ("float32", "bfloat16"),
-            "lwf_state_device": ("auto", "cpu"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                fail(name, f"must be one of {', '.join(allowed)}")
+        for f in lwf_fields():
+            value = getattr(self, f.name)
+            if "min" in f.metadata and (not isinstance(value, int) or isinstance(value, bool) or value < f.metadata["min"]):
+                fail(f.name, "must be a positive integer")
+            allowed = choices(f)
+            if allowed and value not in allowed:
+                fail(f.name, f"must be one of {', '.join(allowed)}")
         for f in lwf_fields():
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -296,9 +292,8 @@ class LWFConfig:
             fail("lwf_unlearn_lr", "must be > 0")
         if self.lwf_unlearn_lr is None and self.lwf_unlearn_optimizer == "sgd":
             raise ValueError(
-                "`lwf_unlearn_lr` must be set with lwf_unlearn_optimizer='sgd'. A plain SGD step at the learning "
-                "rate is far too small to unlearn anything (measured: +0.0006 forget loss per step at 1e-4 on a "
-                "135M model, docs/results.md); 0.1 matched one shared-AdamW ascent step there."
+                "`lwf_unlearn_lr` must be set with lwf_unlearn_optimizer='sgd': a plain SGD step at the learning rate "
+                "is far too small to unlearn anything (docs/options.md)."
             )
         if self.lwf_unlearn_lr is not None and self.lwf_unlearn_optimizer != "sgd":
             raise ValueError(
@@ -321,6 +316,14 @@ class LWFConfig:
         """The ``lwf_*`` values as JSON-serialisable data (a Dataset is described, not dumped)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in lwf_fields()}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The parent's ``to_dict()`` (``TrainingArguments`` when combined with it) with the ``lwf_*`` values as JSON
+        data."""
+        parent = super()
+        data = parent.to_dict() if hasattr(parent, "to_dict") else {}
+        data.update(self.lwf_dict())
+        return data
+
     def lwf_hash(self, names: tuple[str, ...] | None = None) -> str:
         """A stable hash of the ``lwf_*`` values (or only ``names``), used to detect a changed config on resume."""
         values = self.lwf_dict()
@@ -329,19 +332,53 @@ class LWFConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _FieldMetadata(dict):
+    """A field's metadata that lists, as its keys, only what ``argparse.add_argument`` accepts.
+
+    HfArgumentParser turns each field's metadata into ``add_argument`` keywords (``dict(field.metadata)``);
+    ``on_resume`` and ``min`` are hf_lwf's own keys, read with ``field.metadata.get(...)``."""
+
+    OWN_KEYS = ("on_resume", "min")
+
+    def keys(self):
+        return [k for k in super().keys() if k not in self.OWN_KEYS]
+
+
+for _field in dataclasses.fields(LWFConfig):
+    _field.metadata = types.MappingProxyType(_FieldMetadata(_field.metadata))
+
+
 @dataclass
 class LWFTrainingArguments(LWFConfig, TrainingArguments):
     """:class:`~transformers.TrainingArguments` plus every ``lwf_*`` field of :class:`LWFConfig`."""
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(self.lwf_dict())
-        return d
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(LWFConfig)
 
 
 def lwf_fields() -> tuple[dataclasses.Field, ...]:
     """The ``lwf_*`` dataclass fields, in declaration order."""
     return dataclasses.fields(LWFConfig)
+
+
+def choices(f: dataclasses.Field) -> tuple[Any, ...]:
+    """The values a ``Literal``-typed field allows (empty for other fields)."""
+    kind = f.type if not isinstance(f.type, str) else _hints()[f.name]
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+def fields_where(key: str, value: Any) -> tuple[str, ...]:
+    """Names of the ``lwf_*`` fields whose ``metadata[key]`` is ``value``, in declaration order."""
+    return tuple(f.name for f in lwf_fields() if f.metadata.get(key) == value)
+
+
+GENERATION_FIELDS = fields_where("on_resume", "regenerate")
+SELECTION_FIELDS = fields_where("on_resume", "reselect")
+SCORING_FIELDS = fields_where("on_resume", "rescore")
+FIXED_ON_RESUME_FIELDS = fields_where("on_resume", "fixed")
+RUNTIME_FIELDS = fields_where("on_resume", "runtime")
 
 
 def config_from_args(args: Any) -> LWFConfig:

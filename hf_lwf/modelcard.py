@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import statistics
-from typing import Any, Protocol
+from typing import Any
 
 import transformers.modelcard as hf_modelcard
 
-from .config import LWFConfig
-from .state import LWFState
 
-
-class CardSource(Protocol):
-    """What the card is written from: an :class:`~hf_lwf.LWFCallback` after (or during) a run."""
-
-    config: LWFConfig
-    lwf_state: LWFState
-    self_data: Any
-    is_adapter: bool
-
-PAPER_URL = "https://arxiv.org/abs/2505.19715"
+MODEL_TAGS = ["lwf", "hf-lwf"]
+PAPER = {
+    "title": "Graceful Forgetting in Generative Language Models",
+    "id": "2505.19715",
+    "url": "https://arxiv.org/abs/2505.19715",
+}
+PAPER_URL = PAPER["url"]
 CITATION = """@inproceedings{jiang2025graceful,
   title     = {Graceful Forgetting in Generative Language Models},
   author    = {Jiang and Chan and Cai and Liu and Xue and Guo},
@@ -30,13 +24,14 @@ CITATION = """@inproceedings{jiang2025graceful,
 _START, _END = "<!-- hf_lwf:start -->", "<!-- hf_lwf:end -->"
 
 
-def lwf_card_section(callback: CardSource) -> str:
-    """Markdown saying what was forgotten, how much, and on what schedule."""
-    config, lwf = callback.config, callback.lwf_state
-    kind, amount = config.forget_amount
+def lwf_card_section(data: dict[str, Any]) -> str:
+    """Markdown saying what was forgotten, how much, and on what schedule, from
+    :meth:`hf_lwf.run.LWFRun.card_data`."""
+    config, summary = data["config"], data["summary"]
+    kind, amount = data["forget_amount"]
     size_rule = f"top-k = {int(amount)}" if kind == "top_k" else f"ratio r = {amount}"
-    method = f"*Learning With Forgetting* ([Graceful Forgetting in Generative Language Models]({PAPER_URL}), EMNLP 2025)"
-    if lwf.unlearn_steps:
+    method = f"*Learning With Forgetting* ([{PAPER['title']}]({PAPER['url']}), EMNLP 2025)"
+    if summary["unlearn_steps"]:
         intro = (
             f"This model was fine-tuned with hf_lwf {method}: while it learned the training task, it unlearned, by "
             "bounded gradient ascent, its own answers to the forgetting task(s) below that a Fisher-weighted "
@@ -45,50 +40,54 @@ def lwf_card_section(callback: CardSource) -> str:
     else:
         intro = (
             f"This model was trained with hf_lwf {method} configured, but **no unlearning step was applied** "
-            f"({lwf.unlearn_points} unlearning point(s) reached): nothing was forgotten, and it is plain fine-tuning."
+            f"({summary['unlearn_points']} unlearning point(s) reached): nothing was forgotten, and it is plain "
+            "fine-tuning."
         )
-    lines = [
-        _START,
-        "## Learning With Forgetting",
-        "",
-        intro,
-        "",
-        "| forgetting task | self-generated samples (D_self) | forgotten samples (D_U) |",
-        "|---|---|---|",
+    lines = [_START, "## Learning With Forgetting", "", intro, ""]
+    if summary.get("from_checkpoint_step") is not None:
+        lines += [f"These weights are the best checkpoint's, of step {summary['from_checkpoint_step']} "
+                  "(`load_best_model_at_end`); everything below describes that checkpoint.", ""]
+    lines += [
+        "| forgetting task | self-generated samples (D_self) | selected (D_U) | unlearned |",
+        "|---|---|---|---|",
     ]
-    for task, size in lwf.self_data_sizes.items():
-        lines.append(f"| {task} | {size} | {lwf.forget_sizes.get(task, 0)} |")
-    scores = [s for s in lwf.scores if s > -1e29]  # -1e30 marks a non-finite score in the state
-    if scores:
+    for task, size in data["self_data_sizes"].items():
+        lines.append(f"| {task} | {size} | {data['forget_sizes'].get(task, 0)} | "
+                     f"{data['unlearned_sizes'].get(task, 0)} |")
+    lines += ["", "*Unlearned*: the samples that entered an ascent step that moved the weights (under the loss cap)."]
+    if data["never_drawn"] or data["always_capped"]:
+        lines.append(f"Of the last D_U, {data['never_drawn']} sample(s) were never drawn into an ascent step and "
+                     f"{data['always_capped']} were always above the loss cap when drawn: selected, not unlearned.")
+    confidence = data["confidence"]
+    if confidence:
         lines += [
             "",
-            f"Forgetting confidence over D_self ({config.lwf_confidence}): mean {statistics.fmean(scores):.4g}, "
-            f"min {min(scores):.4g}, max {max(scores):.4g}; threshold {config.lwf_confidence_threshold}, "
-            f"selection `{config.lwf_selection}` with {size_rule}.",
+            f"Forgetting confidence over D_self ({config['lwf_confidence']}): mean {confidence['mean']:.4g}, "
+            f"min {confidence['min']:.4g}, max {confidence['max']:.4g}; threshold "
+            f"{config['lwf_confidence_threshold']}, selection `{config['lwf_selection']}` with {size_rule}.",
         ]
     schedule = (
-        f"every {config.lwf_unlearn_every} optimizer steps, {config.lwf_unlearn_steps} ascent step(s)"
-        if config.lwf_schedule == "periodic"
+        f"every {config['lwf_unlearn_every']} optimizer steps, {config['lwf_unlearn_steps']} ascent step(s)"
+        if config["lwf_schedule"] == "periodic"
         else "all ascent steps before fine-tuning (early schedule)"
     )
     lines += [
         "",
-        f"Unlearning schedule: {schedule} of batch {config.lwf_unlearn_batch_size}, coefficient "
-        f"{config.lwf_unlearn_coef}, loss cap {config.lwf_forget_loss_cap}, `{config.lwf_unlearn_optimizer}` "
-        f"optimizer; Fisher `{config.lwf_fisher}`.",
+        f"Unlearning schedule: {schedule} of batch {config['lwf_unlearn_batch_size']}, coefficient "
+        f"{config['lwf_unlearn_coef']}, loss cap {config['lwf_forget_loss_cap']}, `{config['lwf_unlearn_optimizer']}` "
+        f"optimizer; Fisher `{config['lwf_fisher']}`.",
         "",
-        f"What actually ran: {lwf.unlearn_points} unlearning point(s), {lwf.idle_points} of them without any "
-        f"applied ascent step ({lwf.empty_selections} with an empty D_U); {lwf.unlearn_steps} ascent step(s) "
-        f"applied, {lwf.skipped_steps} skipped as non-finite.",
+        f"What actually ran: {summary['unlearn_points']} unlearning point(s), {summary['idle_points']} of them "
+        f"without any applied ascent step ({summary['empty_selections']} with an empty D_U); "
+        f"{summary['unlearn_steps']} ascent step(s) applied, {summary['skipped_steps']} skipped as non-finite.",
     ]
-    examples = _forgotten_examples(callback)
-    if examples:
-        lines += ["", "Highest-confidence forgotten samples:", ""]
-        lines += [f"- *{task}*: {text}" for task, text in examples]
+    if data["examples"]:
+        lines += ["", "Highest-confidence unlearned samples:", ""]
+        lines += [f"- *{task}*: {text}" for task, text in data["examples"]]
     lines += [
         "",
         "All `lwf_*` settings are in `lwf_config.json`. "
-        + ("Loading this adapter needs `transformers` and `peft`." if callback.is_adapter
+        + ("Loading this adapter needs `transformers` and `peft`." if data["is_adapter"]
            else "Loading this model needs only `transformers`."),
         "",
         "```bibtex",
@@ -98,18 +97,6 @@ def lwf_card_section(callback: CardSource) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _forgotten_examples(callback: CardSource, count: int = 3, width: int = 160) -> list[tuple[str, str]]:
-    lwf, data = callback.lwf_state, callback.self_data
-    if data is None or not lwf.forget_indices or len(lwf.scores) != len(data):
-        return []
-    best = sorted(lwf.forget_indices, key=lambda i: lwf.scores[i], reverse=True)[:count]
-    examples = []
-    for index in best:
-        text = " ".join(data[index]["text"].split())
-        examples.append((data[index]["task"], text if len(text) <= width else text[: width - 1] + "…"))
-    return examples
 
 
 def install_card_section(section: str) -> None:

@@ -47,19 +47,25 @@ class LWFState:
     forget_sizes: dict[str, int] = field(default_factory=dict)
     selection_seed: int = -1  # the seed D_U was selected with (-1: unknown, a state saved before hf_lwf recorded it)
     sampler: dict[str, int] = field(default_factory=dict)
+    drawn: dict[str, int] = field(default_factory=dict)  # D_self index -> ascent batches it was drawn into
+    unlearned: dict[str, int] = field(default_factory=dict)  # D_self index -> applied ascent steps it counted in
     history: list[dict[str, float]] = field(default_factory=list)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def run_summary(self) -> dict[str, int]:
-        """What LWF actually did: the counts the model card and ``lwf_config.json`` report."""
+        """What LWF actually did: the counts the model card and ``lwf_config.json`` report.
+
+        ``forgotten_samples`` counts the D_self samples that entered an ascent step that moved the weights (under
+        the loss cap); ``selected_samples`` is the size of the last D_U, whether or not a step drew them."""
         return {
             "unlearn_points": self.unlearn_points,
             "idle_points": self.idle_points,
             "unlearn_steps": self.unlearn_steps,
             "skipped_steps": self.skipped_steps,
             "empty_selections": self.empty_selections,
-            "forgotten_samples": len(self.forget_indices),
+            "selected_samples": len(self.forget_indices),
+            "forgotten_samples": len(self.unlearned),
             "fisher_updates": self.fisher_updates,
         }
 
@@ -125,26 +131,11 @@ class LWFState:
 
         ``rows``: for the named parameters, read only these rows (dim 0) of their tensors: an FSDP rank reads its
         own shard, never the whole tensor."""
-        json_path, tensor_path = os.path.join(directory, STATE_JSON), os.path.join(directory, STATE_TENSORS)
-        for path in (json_path, tensor_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"No LWF state file {path}.")
-        try:
-            with open(json_path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{json_path} is not a valid hf_lwf state file: {err}") from None
-        if not isinstance(data, dict) or data.pop("format_version", None) != FORMAT_VERSION:
-            raise ValueError(f"{json_path} is not an hf_lwf state file of format version {FORMAT_VERSION}.")
-        data.pop("failed_points", None)  # hf_lwf 0.1.0 counted swallowed failures; a failure now stops the run
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TENSOR_GROUPS}
-        unknown = set(data) - set(known)
-        if unknown:
-            raise ValueError(f"{json_path} has unknown fields {sorted(unknown)}: not an hf_lwf state file.")
-        for name, value in data.items():
-            if not _type_matches(value, getattr(cls(), name)) or not _elements_match(name, value):
-                raise ValueError(f"{json_path}: field {name!r} has the wrong type ({type(value).__name__}).")
-        state = cls(**data)
+        tensor_path = os.path.join(directory, STATE_TENSORS)
+        if not os.path.isfile(os.path.join(directory, STATE_JSON)) or not os.path.isfile(tensor_path):
+            missing = STATE_JSON if not os.path.isfile(os.path.join(directory, STATE_JSON)) else STATE_TENSORS
+            raise FileNotFoundError(f"No LWF state file {os.path.join(directory, missing)}.")
+        state = cls.read_scalars(directory)
         try:
             with safe_open(tensor_path, framework="pt", device=str(device)) as handle:
                 if (handle.metadata() or {}).get("format") != "hf_lwf":
@@ -163,6 +154,29 @@ class LWFState:
             raise ValueError(f"{tensor_path} is not a valid hf_lwf state file: {err}") from None
         return state
 
+    @classmethod
+    def read_scalars(cls, directory: str) -> LWFState:
+        """The JSON part of the state saved in ``directory`` (no tensors); anything malformed raises a ValueError."""
+        json_path = os.path.join(directory, STATE_JSON)
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"No LWF state file {json_path}.")
+        try:
+            with open(json_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{json_path} is not a valid hf_lwf state file: {err}") from None
+        if not isinstance(data, dict) or data.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{json_path} is not an hf_lwf state file of format version {FORMAT_VERSION}.")
+        data.pop("failed_points", None)  # hf_lwf 0.1.0 counted swallowed failures; a failure now stops the run
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TENSOR_GROUPS}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"{json_path} has unknown fields {sorted(unknown)}: not an hf_lwf state file.")
+        for name, value in data.items():
+            if not _type_matches(value, getattr(cls(), name)) or not _elements_match(name, value):
+                raise ValueError(f"{json_path}: field {name!r} has the wrong type ({type(value).__name__}).")
+        return cls(**data)
+
 
 def write_config(directory: str, config: dict[str, Any], run: dict[str, int] | None = None) -> str:
     """Write ``lwf_config.json`` into ``directory`` atomically; returns its path.
@@ -179,7 +193,8 @@ def atomic_write_text(directory: str, name: str, text: str) -> str:
 
 
 # Element types of the container fields: JSON ints are valid floats, bools are neither.
-_ELEMENT_TYPES = {"self_data_sizes": int, "forget_sizes": int, "sampler": int, "forget_indices": int, "scores": float}
+_ELEMENT_TYPES = {"self_data_sizes": int, "forget_sizes": int, "sampler": int, "forget_indices": int, "scores": float,
+                  "drawn": int, "unlearned": int}
 
 
 def _elements_match(name: str, value: Any) -> bool:

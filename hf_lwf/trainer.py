@@ -1,11 +1,12 @@
 """``LWFTrainerMixin`` and ``LWFTrainer``: Learning With Forgetting built into a Trainer class.
 
-The mixin registers one :class:`~hf_lwf.LWFCallback` (which does all the work, so results equal callback-only
-use) and adds what only a subclass can give: ``lwf/*`` metrics through ``log`` (so every ``report_to``
-integration receives them), the online Fisher from the gradients *before* clipping, the LWF state and
-``lwf_config.json`` written with the model before any Hub upload, the exact checkpoint path on resume, the LWF
-section on every model card, ``training_args.json`` in place of the pickled ``training_args.bin``, and the
-train-set checks at construction. Put it first in the bases of any ``Trainer`` subclass, e.g. TRL's::
+The mixin registers one :class:`~hf_lwf.LWFCallback` (whose :class:`~hf_lwf.run.LWFRun` does all the work, so
+results equal callback-only use) and adds what only a subclass can give: ``lwf/*`` metrics through ``log`` (so every
+``report_to`` integration receives them), the online Fisher from the gradients *before* clipping (or inside the
+engine's step, where the engine steps in backward), the LWF state and ``lwf_config.json`` written with the model
+before any Hub upload (collectively where the state is partitioned), the exact checkpoint path on resume, the LWF
+section on every model card, ``training_args.json`` in place of the pickled ``training_args.bin``, and the train-set
+checks at construction. Put it first in the bases of any ``Trainer`` subclass, e.g. TRL's::
 
     class LWFSFTTrainer(LWFTrainerMixin, SFTTrainer):
         pass
@@ -21,13 +22,12 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .callback import MODEL_TAGS, LWFCallback
+from .callback import LWFCallback
 from .config import LWFConfig
-from .deepspeed_support import full_gradient, install_fisher_hook, local_gradients
 from .distributed import full_tensor
 from .method.fisher import trainable_parameters
-from .modelcard import insert_card_section, lwf_card_section
-from .state import atomic_write_text, write_config
+from .modelcard import MODEL_TAGS, insert_card_section, lwf_card_section
+from .state import atomic_write_text
 
 
 class LWFTrainerMixin:
@@ -53,7 +53,12 @@ class LWFTrainerMixin:
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(MODEL_TAGS)
-        self.lwf_callback.check_train_dataset(self.train_dataset)
+        self.lwf_callback.run.check_train_dataset(self.train_dataset)
+
+    @property
+    def lwf_run(self):
+        """The :class:`~hf_lwf.run.LWFRun` of this trainer."""
+        return self.lwf_callback.run
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         # Record where the Trainer will resume; `True` with no checkpoint stays `True`, so that the Trainer raises
@@ -67,65 +72,66 @@ class LWFTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
-        """Under DeepSpeed, wrap the engine's step: the online Fisher reads the gradients there, before clipping."""
+        """Where the engine steps the optimizer inside backward, read the online Fisher in its step."""
         prepared = super()._prepare_for_training(*args, **kwargs)
-        if self.is_deepspeed_enabled and self.lwf_callback.config is not None:
-            install_fisher_hook(self.model_wrapped, self._deepspeed_fisher_update)
+        run = self.lwf_run
+        if run is not None and run.backend.owns_optimizer_step:
+            run.backend.install_step_hook(self.model_wrapped, self._engine_fisher_update)
         return prepared
 
-    def _deepspeed_fisher_update(self) -> None:
-        callback = self.lwf_callback
-        if not callback.wants_online_fisher():
+    def _engine_fisher_update(self) -> None:
+        """The online Fisher inside the engine's step (collective: every rank is there)."""
+        run = self.lwf_run
+        if not run.wants_online_fisher():
             return
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        # collective: every rank is inside engine.step
-        if callback.deepspeed_stage != 3:  # ZeRO-2: whole gradients, gathered and folded in one at a time
-            callback.update_fisher(model, self.state.global_step, fetch=full_gradient)
+        grads, fetch = run.backend.fisher_gradients(trainable_parameters(model))
+        if fetch is None and not grads:  # a non-finite gradient on some rank: no update anywhere
+            run.skip_fisher_step(self.state.global_step)
             return
-        grads = local_gradients(trainable_parameters(model))  # ZeRO-3: this rank's slices, 1/world of a copy
-        if not grads:  # a non-finite gradient on some rank: no update anywhere
-            callback.skip_fisher_step(self.state.global_step)
-            return
-        callback.update_fisher(model, self.state.global_step, grads=grads)
+        run.update_fisher(model, self.state.global_step, grads=grads, fetch=fetch)
 
     def _clip_grad_norm(self, model):
-        """Feed the online Fisher the gradients before they are clipped (METHOD.md, step 2), then clip.
+        """Feed the online Fisher the gradients before they are clipped (docs/method.md, step 2), then clip.
 
         Under an fp16 loss scaler the Fisher waits for the optimizer step (``on_optimizer_step``): only then is it
-        known, without a host sync of our own, whether the step was skipped for overflow. It then reads the
-        unscaled, clipped gradients and divides them by the clipping coefficient, kept here as a device tensor.
-        Under DeepSpeed the engine has stepped and clipped already; the Fisher was read in its step.
+        known whether the step was skipped for overflow. It then reads the unscaled, clipped gradients and divides
+        them by the clipping coefficient, kept here as a device tensor (no host sync). Where the engine steps inside
+        backward the Fisher was read in its step already.
         """
-        if self.is_deepspeed_enabled:
+        run = self.lwf_run
+        if run.backend.owns_optimizer_step:
             return super()._clip_grad_norm(model)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
-            self.lwf_callback.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step)
+            run.update_fisher(self.accelerator.unwrap_model(model), self.state.global_step)
             return super()._clip_grad_norm(model)
         norm = super()._clip_grad_norm(model)
-        self.lwf_callback._clip_coefficient = clip_coefficient(norm, self.args.max_grad_norm)
+        run.defer_fisher(clip_coefficient(norm, self.args.max_grad_norm))
         return norm
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
+        run = self.lwf_run
         output_dir = output_dir or self.args.output_dir
         checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
-        if checkpoint and self.lwf_callback.config is not None and self.lwf_callback.state_is_partitioned():
-            # collective: every rank; under FSDP's sharded checkpoints the folder does not exist yet
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step, create=True,
-                                         model=self.accelerator.unwrap_model(self.model_wrapped))
-        if not self.args.should_save or self.lwf_callback.config is None:
+        if checkpoint and run is not None and run.backend.partitioned:
+            # collective: every rank; a sharded checkpoint's folder may not exist yet
+            run.save(output_dir, self.state.global_step, should_save=self.args.should_save, create=True,
+                     model=self.accelerator.unwrap_model(self.model_wrapped))
+        if not self.args.should_save or run is None:
             return
-        write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())
-        _replace_pickled_args(output_dir, self.args)
         if checkpoint:
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)
+            run.save(output_dir, self.state.global_step, should_save=True)
+        else:
+            run.write_record(output_dir)
+        _replace_pickled_args(output_dir, self.args)
 
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         super().create_model_card(*args, tags=tags + [tag for tag in MODEL_TAGS if tag not in tags], **kwargs)
-        if self.lwf_callback.config is not None and self.is_world_process_zero():
-            insert_card_section(os.path.join(self.args.output_dir, "README.md"), lwf_card_section(self.lwf_callback))
+        if self.lwf_run is not None and self.is_world_process_zero():
+            insert_card_section(os.path.join(self.args.output_dir, "README.md"), lwf_card_section(self.lwf_run.card_data()))
 
 
 class LWFTrainer(LWFTrainerMixin, Trainer):

@@ -8,7 +8,8 @@ import torch
 from conftest import FORGET_PROMPTS, learning_dataset, lm_collator, lwf_args, tiny_gpt2, tiny_llama
 from transformers import Trainer, TrainingArguments
 
-from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
+from hf_lwf import LWFCallback, LWFConfig, LWFRun, LWFTrainer
+from hf_lwf.backends import detect_backend
 from hf_lwf.callback import LWFUnlearningError
 from hf_lwf.config import config_from_args
 from hf_lwf.state import LWFState
@@ -28,13 +29,13 @@ def _flat(model):
 
 def test_unlearning_fires_exactly_at_multiples(tokenizer, tmp_path, monkeypatch):
     calls = []
-    original = LWFCallback._unlearning_point
+    original = LWFRun.unlearning_point
 
-    def spy(self, args, state, *rest):
-        calls.append(state.global_step)
-        return original(self, args, state, *rest)
+    def spy(self, **kwargs):
+        calls.append(kwargs["step"])
+        return original(self, **kwargs)
 
-    monkeypatch.setattr(LWFCallback, "_unlearning_point", spy)
+    monkeypatch.setattr(LWFRun, "unlearning_point", spy)
     trainer = _trainer(tokenizer, lwf_args(tmp_path, max_steps=7, lwf_unlearn_every=3))
     trainer.train()
     assert calls == [3, 6]
@@ -186,13 +187,13 @@ def test_other_fisher_and_confidence_modes_run(tokenizer, tmp_path, fisher, conf
 
 def test_early_schedule_unlearns_everything_before_training(tokenizer, tmp_path, monkeypatch):
     steps_at_unlearning = []
-    original = LWFCallback._unlearn
+    original = LWFRun.unlearn
 
-    def spy(self, args, model, optimizer, steps):
+    def spy(self, model, optimizer, steps, max_grad_norm):
         steps_at_unlearning.append(steps)
-        return original(self, args, model, optimizer, steps)
+        return original(self, model, optimizer, steps, max_grad_norm)
 
-    monkeypatch.setattr(LWFCallback, "_unlearn", spy)
+    monkeypatch.setattr(LWFRun, "unlearn", spy)
     trainer = _trainer(tokenizer, lwf_args(tmp_path, lwf_schedule="early", lwf_fisher_samples=4))
     trainer.train()
     assert steps_at_unlearning == [2 * 3]
@@ -200,7 +201,7 @@ def test_early_schedule_unlearns_everything_before_training(tokenizer, tmp_path,
 
 
 def test_rescoring_and_mixed_per_task_selection(tokenizer, tmp_path, monkeypatch):
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     scored = []
     original = callback_module.score_self_data
@@ -223,7 +224,7 @@ def test_gpt2_runs(tokenizer, tmp_path):
 
 
 def test_failing_unlearning_point_stops_the_run_with_the_cause(tokenizer, tmp_path, monkeypatch):
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("scoring exploded")
@@ -269,7 +270,7 @@ def test_unlearning_runs_under_gradient_checkpointing(tokenizer, tmp_path, mode,
 
 def test_eta_is_the_rate_of_the_step_that_produced_d(tokenizer, tmp_path, monkeypatch):
     """A point at the last step of a linear schedule: the scheduler's next rate is 0, the step's rate is not."""
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     seen = []
     real = callback_module.score_self_data
@@ -352,77 +353,69 @@ def test_iterable_train_set_with_index_based_fisher_fails_at_construction(tokeni
     assert plain.state.global_step == 0
 
 
+def _engine_check(args: dict, via_trainer: bool, **fields) -> object:
+    """``detect_backend(args).check(config, via_trainer=...)``: the backend it accepted, or the error it raised."""
+    from types import SimpleNamespace
+
+    backend = detect_backend(SimpleNamespace(**args))
+    backend.check(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, **fields), via_trainer=via_trainer)
+    return backend
+
+
+SGD = dict(lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+
+
 @pytest.mark.parametrize("args,env", [
     ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}),
     ({}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
 ])
-def test_deepspeed_needs_the_trainer_a_supported_stage_and_the_sgd_ascent(monkeypatch, args, env):
-    from types import SimpleNamespace
-
+def test_deepspeed_needs_the_trainer_and_a_supported_stage(monkeypatch, args, env):
     for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    sgd = dict(lwf_forget_prompts=FORGET_PROMPTS, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
-    plain = LWFCallback(LWFConfig(**sgd))
     with pytest.raises(ValueError, match="Under DeepSpeed, LWF must run through `LWFTrainer`"):
-        plain._check(SimpleNamespace(**args), None, None)
-    managed = LWFCallback(LWFConfig(**sgd))
-    managed.via_trainer = True
-    managed._check(SimpleNamespace(**args), None, None)  # ZeRO-2 through the trainer with the SGD ascent: accepted
-    assert managed.deepspeed_stage == 2
-    shared = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
-    shared.via_trainer = True
-    with pytest.raises(ValueError, match="`lwf_unlearn_optimizer` must be 'sgd'"):
-        shared._check(SimpleNamespace(**args), None, None)
+        _engine_check(args, via_trainer=False, **SGD)
+    assert _engine_check(args, via_trainer=True, **SGD).name == "zero2"  # ZeRO-2 through the trainer: accepted
+    assert _engine_check(args, via_trainer=True).name == "zero2"  # the default (preconditioned) ascent too
+    with pytest.raises(ValueError, match="`lwf_unlearn_optimizer='shared'` is not supported"):
+        _engine_check(args, via_trainer=True, lwf_unlearn_optimizer="shared")
     with pytest.raises(ValueError, match="fp16=True"):
-        managed._check(SimpleNamespace(fp16=True, **args), None, None)
+        _engine_check({**args, "fp16": True}, via_trainer=True)
     for stage in (0, 1):  # no partitioned gradients to read, untested: refused
         if args:
-            other = SimpleNamespace(deepspeed={"zero_optimization": {"stage": stage}})
+            other = {"deepspeed": {"zero_optimization": {"stage": stage}}}
         else:
             monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
-            other = SimpleNamespace()
+            other = {}
         with pytest.raises(ValueError, match=f"supports DeepSpeed ZeRO stage .*asks for stage {stage}"):
-            managed._check(other, None, None)
+            _engine_check(other, via_trainer=True)
     if args:
-        zero3 = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})
+        zero3 = {"deepspeed": {"zero_optimization": {"stage": 3}}}
     else:
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-        zero3 = SimpleNamespace()
-    managed._check(zero3, None, None)  # ZeRO-3: accepted, with the online or the empirical Fisher
-    assert managed.deepspeed_stage == 3
-    empirical = LWFCallback(LWFConfig(**sgd, lwf_fisher="empirical"))
-    empirical.via_trainer = True
-    empirical._check(zero3, None, None)
+        zero3 = {}
+    assert _engine_check(zero3, via_trainer=True).name == "zero3"  # ZeRO-3: accepted, online or empirical Fisher
+    _engine_check(zero3, via_trainer=True, lwf_fisher="empirical")
     for fields, message in (({"lwf_schedule": "early"}, "ZeRO-3 LWF supports the periodic schedule only"),
                             ({"lwf_state_device": "cpu"}, "`lwf_state_device='cpu'` is not supported under ZeRO-3")):
-        other = LWFCallback(LWFConfig(**sgd, **fields))
-        other.via_trainer = True
         with pytest.raises(ValueError, match=message):
-            other._check(zero3, None, None)
+            _engine_check(zero3, via_trainer=True, **fields)
 
 
 @pytest.mark.parametrize("args,env", [({"fsdp": True}, {}), ({}, {"ACCELERATE_USE_FSDP": "true"})])
 def test_fsdp_needs_the_trainer_fsdp2_and_state_on_the_parameters_device(monkeypatch, args, env):
-    from types import SimpleNamespace
-
     for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    plain = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
     with pytest.raises(ValueError, match="must run through `LWFTrainer`"):
-        plain._check(SimpleNamespace(**args), None, None)
-    managed = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
-    managed.via_trainer = True
-    managed._check(SimpleNamespace(**args), None, None)  # FSDP2 (the default version) through the trainer: accepted
+        _engine_check(args, via_trainer=False)
+    assert _engine_check(args, via_trainer=True).name == "fsdp2"  # FSDP2 (the default version) through the trainer
     with pytest.raises(ValueError, match="FSDP2 .* only; this run asks for FSDP version 1"):
-        managed._check(SimpleNamespace(**args, fsdp_config={"version": 1}), None, None)
-    offloaded = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS, lwf_state_device="cpu"))
-    offloaded.via_trainer = True
+        _engine_check({**args, "fsdp_config": {"version": 1}}, via_trainer=True)
     with pytest.raises(ValueError, match="lwf_state_device='cpu'` is not supported under FSDP"):
-        offloaded._check(SimpleNamespace(**args), None, None)
+        _engine_check(args, via_trainer=True, lwf_state_device="cpu")
 
 
 def test_max_steps_below_the_interval_warns_at_construction(tokenizer, tmp_path, caplog):
@@ -461,7 +454,7 @@ def test_every_counted_ascent_step_moves_the_weights(tokenizer, tmp_path, monkey
     """Watch the trainable weights around every ascent step, including the last step of a linear schedule (whose
     next rate is 0) and, for the early schedule, before a warm-up from 0: each counted step moved them, at eta of the
     step just taken (the peak rate before any step), and the log, lwf_config.json and the card count exactly those."""
-    import hf_lwf.callback as callback_module
+    import hf_lwf.backends.base as callback_module
     from hf_lwf.method.unlearn import PreconditionedAscent
 
     watched, trainer = [], None
@@ -518,20 +511,17 @@ def test_every_counted_ascent_step_moves_the_weights(tokenizer, tmp_path, monkey
 def test_preconditioned_ascent_leaves_the_learning_optimizer_state_untouched(tokenizer, tmp_path, monkeypatch):
     """Around each unlearning point AdamW's moments and step counts are bitwise unchanged (the shared option's are
     not: it writes them, as documented)."""
-    import hf_lwf.callback as callback_module
-
     changed = {}
-    original = LWFCallback._unlearn
+    original = LWFRun.unlearn
 
-    def spy(self, args, model, optimizer, steps):
+    def spy(self, model, optimizer, steps, max_grad_norm):
         raw = getattr(optimizer, "optimizer", optimizer)
         before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in raw.state.items()}
-        original(self, args, model, optimizer, steps)
+        original(self, model, optimizer, steps, max_grad_norm)
         changed[self.config.lwf_unlearn_optimizer] = any(
             not torch.equal(v, before[id(p)][k]) for p, s in raw.state.items() for k, v in s.items())
 
-    monkeypatch.setattr(LWFCallback, "_unlearn", spy)
-    assert callback_module.LWFCallback is LWFCallback
+    monkeypatch.setattr(LWFRun, "unlearn", spy)
     for optimizer in ("preconditioned", "shared"):
         _trainer(tokenizer, lwf_args(tmp_path / optimizer, max_steps=4, lwf_unlearn_optimizer=optimizer)).train()
     assert changed == {"preconditioned": False, "shared": True}
@@ -549,16 +539,15 @@ def test_ascent_rate_per_group_falls_back_to_the_group_peak_not_to_a_frozen_grou
     moving, frozen = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([{"params": [moving], "lr": 3e-4}, {"params": [frozen], "lr": 0.0}])
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # a warm-up from 0: both groups at rate 0 now
-    args = lwf_args(tmp_path, learning_rate=1e-3)
-    callback = LWFCallback(config_from_args(args))
-    assert callback._ascent_rates(args, optimizer) == [3e-4, 0.0]  # before any step
-    callback._step_lrs = [0.0, 0.0]
-    assert callback._ascent_rates(args, optimizer) == [3e-4, 0.0]  # the first warm-up step
-    callback._step_lrs = [2e-4, 0.0]
-    assert callback._ascent_rates(args, optimizer) == [2e-4, 0.0]  # the step just taken
+    run = LWFRun(config_from_args(lwf_args(tmp_path, learning_rate=1e-3)))
+    assert run.ascent_rates(optimizer) == [3e-4, 0.0]  # before any step
+    run.note_step_rates(optimizer)
+    assert run.ascent_rates(optimizer) == [3e-4, 0.0]  # the first warm-up step
+    optimizer.param_groups[0]["lr"] = 2e-4
+    run.note_step_rates(optimizer)
+    assert run.ascent_rates(optimizer) == [2e-4, 0.0]  # the step just taken
     plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=5e-4)  # no scheduler: the group's rate
-    callback._step_lrs = None
-    assert callback._ascent_rates(args, plain) == [5e-4]
+    assert LWFRun(config_from_args(lwf_args(tmp_path))).ascent_rates(plain) == [5e-4]
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_deepspeed_zero2_online_fisher_folds_one_whole_gradient_at_a_time(dtype):
     """ZeRO-2 reads each whole gradient on demand (``fetch``): it is folded into F before the next one is fetched,
@@ -572,18 +561,20 @@ def test_deepspeed_zero2_online_fisher_folds_one_whole_gradient_at_a_time(dtype)
     for step in steps:  # one parameter without a gradient at every step: it decays with g = 0
         step[names[1]] = None
     config = dict(lwf_forget_prompts=FORGET_PROMPTS, lwf_fisher_dtype=dtype, lwf_fisher_decay=0.9)
-    at_once, streamed = LWFCallback(LWFConfig(**config)), LWFCallback(LWFConfig(**config))
-    for callback in (at_once, streamed):
-        callback.deepspeed_stage = 2
+    from hf_lwf.backends.zero import ZeroBackend
+
+    at_once, streamed = LWFRun(LWFConfig(**config)), LWFRun(LWFConfig(**config))
+    for run in (at_once, streamed):
+        run.use_backend(ZeroBackend(2), via_trainer=True)
     for index, grads in enumerate(steps):
         at_once.update_fisher(model, index + 1, grads=grads)
-        before = {n: f.clone() for n, f in streamed.lwf_state.fisher.items()}
+        before = {n: f.clone() for n, f in streamed.state.fisher.items()}
         fetched, previous = [], []
 
         def fetch(name, param):
             if previous:
                 assert previous[-1]() is None  # the last gradient was released before this one is fetched
-            changed = [n for n in before if not torch.equal(before[n], streamed.lwf_state.fisher[n])]
+            changed = [n for n in before if not torch.equal(before[n], streamed.state.fisher[n])]
             assert set(changed) <= set(fetched)  # only the parameters already fetched were updated
             fetched.append(name)
             g = grads[name]
@@ -593,9 +584,9 @@ def test_deepspeed_zero2_online_fisher_folds_one_whole_gradient_at_a_time(dtype)
 
         streamed.update_fisher(model, index + 1, fetch=fetch)
         assert fetched == names  # every parameter once, in F's order
-    assert at_once.lwf_state.fisher_updates == streamed.lwf_state.fisher_updates == 3
+    assert at_once.state.fisher_updates == streamed.state.fisher_updates == 3
     for n in names:
-        assert torch.equal(at_once.lwf_state.fisher[n], streamed.lwf_state.fisher[n]), n
+        assert torch.equal(at_once.state.fisher[n], streamed.state.fisher[n]), n
     reference = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
     for grads in steps:  # the independent slow reference: F <- decay F + (1 - decay) g**2, g = 0 when absent
         for n in names:
@@ -603,5 +594,5 @@ def test_deepspeed_zero2_online_fisher_folds_one_whole_gradient_at_a_time(dtype)
             reference[n] = 0.9 * reference[n] + 0.1 * g.square()
     tolerance = 1e-6 if dtype == "float32" else 2e-2
     for n in names:
-        assert torch.allclose(streamed.lwf_state.fisher[n].double(), reference[n], rtol=tolerance, atol=1e-12), n
-    assert float(streamed.lwf_state.fisher[names[1]].abs().sum()) == 0.0
+        assert torch.allclose(streamed.state.fisher[n].double(), reference[n], rtol=tolerance, atol=1e-12), n
+    assert float(streamed.state.fisher[names[1]].abs().sum()) == 0.0

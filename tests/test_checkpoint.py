@@ -3,13 +3,15 @@
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import learning_dataset, lm_collator, lwf_args, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_lwf import LWFCallback, LWFTrainer
+from hf_lwf import LWFCallback, LWFRun, LWFTrainer
 from hf_lwf.config import config_from_args
 from hf_lwf.state import CONFIG_NAME, SELF_DATA_DIR, STATE_JSON, STATE_TENSORS, LWFState
 
@@ -70,7 +72,7 @@ def test_interrupted_run_resumes_exactly(tokenizer, tmp_path, use_callback_only)
     assert (checkpoint / STATE_JSON).is_file() and (checkpoint / STATE_TENSORS).is_file()
 
     resumed = make()
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     def no_regeneration(*args, **kwargs):
         raise AssertionError("D_self must be reused on resume, not regenerated")
@@ -154,7 +156,7 @@ def _plain_run(tokenizer, run_dir, config, crash=None, resume_from=None):
 
 
 def _no_regeneration(monkeypatch):
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     def fail(*args, **kwargs):
         raise AssertionError("D_self must be reused on resume, not regenerated")
@@ -194,13 +196,13 @@ def test_plain_callback_resumed_from_another_folder_continues_exactly(tokenizer,
 
 def test_resume_path_unknown_is_refused_or_taken_from_resume_from(tokenizer, tmp_path, monkeypatch):
     """When the callback cannot see where the Trainer resumed, it refuses; ``resume_from=`` continues exactly."""
-    import hf_lwf.callback as callback_module
+    import hf_lwf.resume as resume_module
 
     config = config_from_args(_args(tmp_path))
     reference = _plain_run(tokenizer, tmp_path / "full", config)
     reference.train()
     moved = _moved_checkpoint(tokenizer, tmp_path, config)
-    monkeypatch.setattr(callback_module, "_trainer_resume_path", lambda: None)
+    monkeypatch.setattr(resume_module, "trainer_resume_path", lambda: None)
     with pytest.raises(ValueError, match="resume_from="):
         _plain_run(tokenizer, tmp_path / "new_output", config).train(resume_from_checkpoint=str(moved))
     resumed = _plain_run(tokenizer, tmp_path / "explicit", config, resume_from=str(moved))
@@ -244,15 +246,15 @@ def test_changed_selection_on_resume_reselects_d_u_from_the_stored_scores(tokeni
         change["lwf_confidence_threshold"] = float(scores.nan_to_num(-1e30).sort(descending=True).values[1])
     resumed = _trainer(tokenizer, _args(tmp_path, **{**base, **change}))
     selected = {}
-    original = resumed.lwf_callback._restore
+    original = LWFRun.start
 
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        selected["indices"] = list(resumed.lwf_callback.lwf_state.forget_indices)
-        selected["sampler"] = dict(resumed.lwf_callback.lwf_state.sampler)
+    def spy(self, **kwargs):
+        out = original(self, **kwargs)
+        selected["indices"] = list(self.state.forget_indices)
+        selected["sampler"] = dict(self.state.sampler)
         return out
 
-    monkeypatch.setattr(resumed.lwf_callback, "_restore", spy)
+    monkeypatch.setattr(LWFRun, "start", spy)
     resumed.train(resume_from_checkpoint=True)
     config = resumed.lwf_callback.config
     expected = select_forget_set(scores, resumed.lwf_callback.self_data["task"], config.forget_amount,
@@ -271,7 +273,7 @@ def test_changed_selection_on_resume_reselects_d_u_from_the_stored_scores(tokeni
 
 @pytest.mark.parametrize("change", [{"lwf_confidence": "alignment"}, {"lwf_mask_ratio": 1.0}])
 def test_changed_scoring_on_resume_scores_again_at_the_next_point(tokenizer, tmp_path, change, monkeypatch, caplog):
-    import hf_lwf.callback as callback_module
+    import hf_lwf.run as callback_module
 
     with pytest.raises(KeyboardInterrupt):
         _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
@@ -320,3 +322,27 @@ def test_resume_true_without_a_checkpoint_is_an_error_as_in_the_trainer(tokenize
     with pytest.raises(ValueError, match="No valid checkpoint"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 0
+
+
+def test_a_checkpoint_of_hf_lwf_0_1_0_resumes_exactly(tokenizer, tmp_path):
+    """tests/fixtures/legacy_checkpoint holds checkpoint-4 of a 6-step run written by hf_lwf 0.1.0 and that run's
+    final weights (tests/fixtures/make_legacy_checkpoint.py): today's code resumes it to the same weights."""
+
+    from safetensors.torch import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "legacy_checkpoint"
+    sys.path.insert(0, str(fixture.parent))
+    try:
+        from make_legacy_checkpoint import LEGACY_ARGS
+    finally:
+        sys.path.remove(str(fixture.parent))
+    out = tmp_path / "run"
+    shutil.copytree(fixture / "checkpoint-4", out / "checkpoint-4")
+    trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=lwf_args(out, **LEGACY_ARGS),
+                         train_dataset=learning_dataset(tokenizer), processing_class=tokenizer,
+                         data_collator=lm_collator(tokenizer))
+    trainer.train(resume_from_checkpoint=True)
+    expected = load_file(fixture / "final_weights.safetensors")
+    assert trainer.lwf_callback.lwf_state.unlearn_points == 3
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), expected[name]), name

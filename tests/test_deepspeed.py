@@ -46,9 +46,10 @@ def _torchrun(out, phases: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    _torchrun(out, "ddp,ddpemp")
-    _torchrun(out, "zero2,zero2-crash,zero2-resume,zero2emp,zero3,zero3-crash,zero3-resume,zero3emp")
-    phases = ("ddp", "ddpemp", "zero2", "zero2-resume", "zero2emp", "zero3", "zero3-resume", "zero3emp")
+    _torchrun(out, "ddp,ddpemp,ddppre")
+    _torchrun(out, "zero2,zero2-crash,zero2-resume,zero2emp,zero2pre,zero3,zero3-crash,zero3-resume,zero3emp,zero3pre")
+    phases = ("ddp", "ddpemp", "ddppre", "zero2", "zero2-resume", "zero2emp", "zero2pre", "zero3", "zero3-resume",
+              "zero3emp", "zero3pre")
     result = {phase: [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)] for phase in phases}
     for stage in (2, 3):
         result[f"checkpoint{stage}"] = sorted(os.listdir(out / f"zero{stage}-split" / "checkpoint-4"))
@@ -58,6 +59,21 @@ def runs(tmp_path_factory):
 
 def _close(a, b, rel):
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=0.0) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_default_preconditioned_ascent_under_zero_equals_the_ddp_run(runs, stage):
+    """The default ascent reads v_hat from DeepSpeed's partitioned optimizer state (read-only): same D_U and counts
+    as DDP, final weights within 1e-6 relative, and the learning optimizer's state bitwise untouched by the ascent."""
+    for ddp, zero in zip(runs["ddppre"], runs[f"zero{stage}pre"]):
+        assert zero["engine_stage"] == zero["lwf_stage"] == stage
+        assert zero["forget_indices"] == ddp["forget_indices"] and ddp["forget_indices"]
+        assert zero["unlearn_steps"] == ddp["unlearn_steps"] == 6
+        assert all(m > 0 for m in zero["ascent_moved"]) and len(zero["ascent_moved"]) == 3
+        assert not any(zero["optimizer_touched"]) and not any(ddp["optimizer_touched"])
+        assert len(zero["optimizer_touched"]) == 3
+        assert _close(ddp["weights"], zero["weights"], 1e-6) and math.isclose(ddp["checksum"], zero["checksum"],
+                                                                             rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

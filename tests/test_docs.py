@@ -33,9 +33,9 @@ def test_readme_shows_demo_and_test_commands_and_ci_runs_the_test_command():
 def test_method_doc_lists_every_logged_metric():
     import inspect
 
-    import hf_lwf.callback as callback
+    import hf_lwf.run as run
 
-    metrics = set(re.findall(r'"(lwf/[a-z_]+)"', inspect.getsource(callback)))
+    metrics = set(re.findall(r'"(lwf/[a-z_]+)"', inspect.getsource(run)))
     doc = _read("docs", "method.md")
     for metric in metrics:
         family = metric.rsplit("_", 1)[0] if metric.startswith("lwf/confidence_") else metric

@@ -10,7 +10,8 @@ from conftest import FORGET_PROMPTS, LEARN_TEXTS, learning_dataset, lm_collator,
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_lwf import LWFCallback, LWFConfig, LWFTrainer
-from hf_lwf.callback import _fsdp_offloads
+from hf_lwf.backends import detect_backend
+from hf_lwf.backends.fsdp2 import fsdp_offloads as _fsdp_offloads
 from hf_lwf.method.confidence import reference_confidence, score_self_data
 from hf_lwf.distributed import input_device
 from hf_lwf.method.fisher import (
@@ -172,7 +173,7 @@ def test_theta_ref_is_kept_exactly_in_the_parameters_dtype(tokenizer):
 
 def test_zero3_theta_ref_is_the_slice_in_its_dtype_and_d_is_formed_in_fp32(tokenizer):
     """Under ZeRO-3 theta_ref copies each bf16 slice exactly (no fp32 upcast); PartitionTerms forms D in fp32."""
-    from hf_lwf.deepspeed_support import PartitionTerms, snapshot_partitions
+    from hf_lwf.backends.zero import PartitionTerms, snapshot_partitions
 
     model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
     params = trainable_parameters(model)
@@ -224,10 +225,8 @@ def test_fsdp2_cpu_offload_is_refused_at_construction(monkeypatch):
     assert _fsdp_offloads(SimpleNamespace(fsdp=["full_shard"], fsdp_config={"offload_params": True}))
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     assert _fsdp_offloads(SimpleNamespace(fsdp=[], fsdp_config={}))
-    callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))
-    callback.via_trainer = True
     with pytest.raises(ValueError, match="does not support FSDP2 with CPU offloading"):
-        callback._check_engine(args)
+        detect_backend(args).check(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS), via_trainer=True)
 
 
 # ------------------------------------------------------------------------------------------ fp16 loss scale
@@ -317,7 +316,11 @@ def test_empirical_fisher_and_scoring_never_form_more_than_one_batch_of_logits(t
 def test_zero3_empirical_fisher_forms_at_most_lwf_fisher_batch_size_logits(tokenizer):
     """The ZeRO-3 empirical Fisher (per slice) batches by ``lwf_fisher_batch_size`` like the unsharded one, and on one
     rank (the slice is the whole parameter, laid out as DeepSpeed does: ``ds_tensor`` flat) it equals it."""
-    from hf_lwf.deepspeed_support import empirical_fisher_partitions
+    from hf_lwf.backends.zero import ZeroBackend
+
+    def empirical_fisher_partitions(model, examples, batch_size, chunk_elements=None):
+        return ZeroBackend(3).empirical_fisher(model, examples, batch_size=batch_size, chunk_elements=chunk_elements,
+                                               loss_scale=1.0)
 
     model = tiny_llama(len(tokenizer), seed=7)
     vocab = model.config.vocab_size
@@ -333,8 +336,6 @@ def test_zero3_empirical_fisher_forms_at_most_lwf_fisher_batch_size_logits(token
 
     small, fisher = largest(2)
     assert small <= 2 * length * vocab < largest(6)[0]  # the bound is the configured batch, and it binds
-    with pytest.raises(ValueError, match="lwf_fisher_batch_size"):
-        empirical_fisher_partitions(model, examples, batch_size=0)
     for p in model.parameters():
         del p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape
     whole, _ = empirical_fisher(model, examples, batch_size=6, chunk_elements=256, with_mean=False)
@@ -372,8 +373,8 @@ def test_fp16_lwf_trainer_updates_the_fisher_after_the_step_with_the_pre_clip_gr
         if scaler:
             trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
         calls = []
-        original = trainer.lwf_callback.update_fisher
-        trainer.lwf_callback.update_fisher = lambda *a, **k: (calls.append(k.get("grad_scale", 1.0)), original(*a, **k))
+        original = trainer.lwf_run.update_fisher
+        trainer.lwf_run.update_fisher = lambda *a, **k: (calls.append(k.get("grad_scale", 1.0)), original(*a, **k))
         trainer.train()
         state = trainer.lwf_callback.lwf_state
         assert state.fisher_updates == 1

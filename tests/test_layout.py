@@ -13,7 +13,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_lwf"
 # The plugin's wiring: what the method must never import.
-WIRING = {"hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.modelcard", "hf_lwf.deepspeed_support"}
+WIRING = {"hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.modelcard", "hf_lwf.run", "hf_lwf.resume", "hf_lwf.checks",
+          "hf_lwf.backends", "hf_lwf.backends.base", "hf_lwf.backends.local", "hf_lwf.backends.fsdp2",
+          "hf_lwf.backends.zero"}
+# Only the run layer (and the trainer, which wires an engine's step hook) may import the backends.
+BACKEND_USERS = {"hf_lwf.run", "hf_lwf.callback", "hf_lwf.trainer"}
 
 
 def module_name(path: Path) -> str:
@@ -74,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]], ignore: set[str]) -> list[str] | None
 def test_graph_sees_the_modules():
     graph = import_graph()
     assert {"hf_lwf.callback", "hf_lwf.method.fisher", "hf_lwf.app.cli", "hf_lwf.baselines.l2sp"} <= set(graph)
-    assert "hf_lwf.method.fisher" in graph["hf_lwf.callback"]
+    assert "hf_lwf.method.fisher" in graph["hf_lwf.run"] and "hf_lwf.run" in graph["hf_lwf.callback"]
     assert "hf_lwf.method.common" in graph["hf_lwf.method.persample"]
 
 
@@ -100,6 +104,19 @@ def test_plugin_does_not_import_app(module):
     assert not bad, f"{module} imports {sorted(bad)}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if not m.startswith("hf_lwf.backends")))
+def test_only_the_run_layer_imports_the_backends(module):
+    backends = {t for t in import_graph()[module] if t.startswith("hf_lwf.backends")}
+    assert not backends or module in BACKEND_USERS, f"{module} imports {sorted(backends)}"
+
+
+@pytest.mark.parametrize("module", ["hf_lwf.callback", "hf_lwf.trainer", "hf_lwf.run"])
+def test_no_engine_branch_above_the_backends(module):
+    source = (PACKAGE / (module.split(".")[-1] + ".py")).read_text()
+    for word in ("deepspeed", "zero3", "ds_id", "fully_shard", "is_deepspeed_enabled", "FSDP"):
+        assert word not in source, f"{module} mentions {word!r}: engine specifics belong in hf_lwf/backends"
+
+
 def test_checker_finds_a_circle_and_an_upward_import(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph, ignore=set()) == ["a", "b", "c", "a"]
@@ -111,8 +128,8 @@ def test_checker_finds_a_circle_and_an_upward_import(tmp_path):
 def test_public_entry_points_unchanged():
     import hf_lwf
 
-    for name in ("LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments",
-                 "LWFUnlearningError", "__version__"):
+    for name in ("LWFCallback", "LWFConfig", "LWFRun", "LWFState", "LWFTrainer", "LWFTrainerMixin",
+                 "LWFTrainingArguments", "LWFUnlearningError", "__version__"):
         assert hasattr(hf_lwf, name)
     setup = (PACKAGE.parent / "setup.cfg").read_text()
     assert "hf-lwf = hf_lwf.app.cli:main" in setup

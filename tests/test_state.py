@@ -31,6 +31,8 @@ def _full_state():
         forget_indices=[0, 3, 7],
         forget_sizes={"dental": 2, "psych": 1},
         sampler={"size": 3, "seed": 42, "epoch": 1, "position": 2},
+        drawn={"0": 2, "3": 1, "7": 1},
+        unlearned={"0": 2, "7": 1},
         history=[{"step": 2, "lwf/forget_loss": 3.25, "lwf/num_selected": 3}, {"step": 4, "lwf/forget_loss": None}],
         fisher={
             "model.layers.0.mlp.up_proj.weight": torch.rand(4, 3, generator=g),
@@ -305,7 +307,7 @@ def test_legacy_failed_points_field_is_accepted(tmp_path):
 def test_run_summary_counts_what_ran():
     summary = _full_state().run_summary()
     assert summary == {"unlearn_points": 2, "idle_points": 1, "unlearn_steps": 4, "skipped_steps": 1,
-                       "empty_selections": 0, "forgotten_samples": 3, "fisher_updates": 17}
+                       "empty_selections": 0, "selected_samples": 3, "forgotten_samples": 2, "fisher_updates": 17}
 
 
 def test_place_like_keeps_the_state_where_it_is_told(tmp_path):

@@ -1,8 +1,8 @@
 """``hf-lwf inspect``: what LWF would forget, without committing to a full run.
 
-It builds D_self, trains for ``inspect_steps`` learning steps with the online Fisher (under the run's own
-learning-rate schedule), scores every self-generated sample at that point exactly as the first unlearning
-point of a real run would, and stops: no gradient ascent is applied and no model is saved.
+It builds D_self, trains up to the run's first unlearning point (``lwf_unlearn_every`` steps, or ``inspect_steps``;
+none under the ``early`` schedule) under the run's own learning-rate schedule, scores every self-generated sample
+there exactly as that point of a real run would, and stops: no gradient ascent is applied and no model is saved.
 """
 
 from __future__ import annotations
@@ -22,58 +22,38 @@ INSPECT_JSON = "inspect.json"
 INSPECT_JSONL = "inspect.jsonl"
 
 
-class ScoreOnlyCallback(LWFCallback):
-    """An :class:`LWFCallback` that scores and selects D_U at its first unlearning point, then stops training.
-
-    The gradient ascent itself is skipped, so the ranking reflects the model after exactly ``stop_at`` learning
-    steps.
-    """
-
-    def __init__(self, *args: Any, stop_at: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.stop_at = stop_at
-        self.scoring_lr: float | None = None
-
-    def _score_and_select(self, args, model, terms, lr: float, seed: int, **kwargs: Any) -> None:
-        self.scoring_lr = lr
-        super()._score_and_select(args, model, terms, lr, seed, **kwargs)
-
-    def _unlearn(self, args, model, optimizer, steps: int) -> None:
-        self._metrics["lwf/unlearn_seconds"] = 0.0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        if state.global_step >= self.stop_at:
-            control.should_training_stop = True
-
-
 def inspect_arguments(args, inspect_steps: int | None):
-    """Copy of the training arguments for an inspection run: score after ``inspect_steps``, save nothing."""
-    steps = inspect_steps or args.lwf_unlearn_every
-    if steps < 1:
-        raise ValueError(f"`inspect_steps` must be a positive integer (got {steps}).")
-    if args.max_steps > 0 and steps > args.max_steps:
-        raise ValueError(f"`inspect_steps`={steps} exceeds `max_steps`={args.max_steps}: nothing would be scored.")
-    changes = dict(
-        lwf_unlearn_every=steps,
-        lwf_schedule="periodic",
-        save_strategy="no",
-        eval_strategy="no",
-        load_best_model_at_end=False,
-        push_to_hub=False,
-        report_to=[],
-    )
+    """Copy of the training arguments for an inspection run: score where the run would first score, save nothing.
+
+    The periodic schedule scores at its first unlearning point, after ``lwf_unlearn_every`` learning steps
+    (``inspect_steps`` moves that point); the ``early`` schedule scores before any learning step."""
+    if args.lwf_schedule == "early":
+        if inspect_steps is not None:
+            raise ValueError("`inspect_steps` does not apply to lwf_schedule='early': that schedule scores before the "
+                             "first learning step, and so does its preview.")
+        steps = 0
+    else:
+        steps = inspect_steps or args.lwf_unlearn_every
+        if steps < 1:
+            raise ValueError(f"`inspect_steps` must be a positive integer (got {steps}).")
+        if args.max_steps > 0 and steps > args.max_steps:
+            raise ValueError(f"`inspect_steps`={steps} exceeds `max_steps`={args.max_steps}: nothing would be scored.")
+    changes = dict(save_strategy="no", eval_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+                   report_to=[])
+    if steps:
+        changes["lwf_unlearn_every"] = steps
     return dataclasses.replace(args, **changes), steps
 
 
 def run_inspection(model, tokenizer, train_dataset, args, data_collator=None, inspect_steps: int | None = None) -> dict[str, Any]:
-    """Train ``inspect_steps`` steps, score D_self, and return the ranked samples (see :func:`ranked_samples`).
+    """Score D_self where the previewed run would first score it, and return the ranked samples (see
+    :func:`ranked_samples`). No ascent step is taken and nothing is saved.
 
     ``args`` is the :class:`~hf_lwf.LWFTrainingArguments` of the run being previewed; its schedule (``max_steps``
-    or epochs, warmup) is kept so the learning rate at the scoring point equals the real run's.
+    or epochs, warmup, ``lwf_schedule``) is kept so the learning rate at the scoring point equals the real run's.
     """
     inspect_args, steps = inspect_arguments(args, inspect_steps)
-    callback = ScoreOnlyCallback(stop_at=steps)
+    callback = LWFCallback(preview=True)
     trainer = LWFTrainer(
         model=model,
         args=inspect_args,
@@ -83,19 +63,21 @@ def run_inspection(model, tokenizer, train_dataset, args, data_collator=None, in
         callbacks=[callback],
     )
     trainer.train()
-    state = callback.lwf_state
+    run = callback.run
+    state = run.state
     if not state.scores:
         raise RuntimeError(f"No scoring happened within {steps} learning steps (the run ended at step "
                            f"{trainer.state.global_step}); lower `inspect_steps`.")
     record = state.history[-1] if state.history else {}
     return {
         "inspect_steps": steps,
-        "learning_rate": callback.scoring_lr,
+        "schedule": run.config.lwf_schedule,
+        "learning_rate": run.scoring_rates[0] if run.scoring_rates else None,
         "self_data_sizes": dict(state.self_data_sizes),
         "num_selected": len(state.forget_indices),
         "confidence": {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("lwf/confidence")},
-        "lwf_config": callback.config.lwf_dict(),
-        "samples": ranked_samples(callback.self_data, state.scores, state.forget_indices),
+        "lwf_config": run.config.lwf_dict(),
+        "samples": ranked_samples(run.self_data, state.scores, state.forget_indices),
     }
 
 

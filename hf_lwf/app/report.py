@@ -195,11 +195,13 @@ def write_plots(
     return paths
 
 
-def lwf_summary(callback, text_chars: int = 200) -> dict[str, Any]:
-    """What an LWF run did: D_self sizes, unlearning points, scores, and the forgotten samples (text truncated)."""
-    state = callback.lwf_state
+def lwf_summary(run, text_chars: int = 200) -> dict[str, Any]:
+    """What an LWF run (an :class:`~hf_lwf.run.LWFRun`, or the callback holding one) did: D_self sizes, unlearning
+    points, scores, the selected D_U and the samples actually unlearned (text truncated)."""
+    run = getattr(run, "run", run)
+    state = run.state
     summary: dict[str, Any] = {
-        "config": callback.config.lwf_dict() if callback.config is not None else None,
+        "config": run.config.lwf_dict() if run.config is not None else None,
         "self_data_sizes": dict(state.self_data_sizes),
         "unlearn_points": state.unlearn_points,
         "unlearn_steps": state.unlearn_steps,
@@ -207,17 +209,19 @@ def lwf_summary(callback, text_chars: int = 200) -> dict[str, Any]:
         "history": list(state.history),
         "scores": list(state.scores),
         "forget_indices": list(state.forget_indices),
+        "unlearned": {int(i): n for i, n in state.unlearned.items()},
     }
-    data = callback.self_data
-    if data is not None and state.forget_indices:
+    data = run.self_data
+    if data is not None and state.unlearned:
         summary["forgotten"] = [
             {
                 "index": i,
                 "task": data[i]["task"],
                 "confidence": state.scores[i] if i < len(state.scores) else None,
+                "ascent_steps": state.unlearned[str(i)],
                 "prompt": data[i]["prompt"],
                 "text": data[i]["text"][:text_chars],
             }
-            for i in state.forget_indices
+            for i in sorted(int(k) for k in state.unlearned)
         ]
     return summary

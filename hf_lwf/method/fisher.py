@@ -224,7 +224,7 @@ def per_sample_gradients(
         }
 
 
-_BATCHABLE_KEYS = {"input_ids", "attention_mask", "labels"}
+BATCHABLE_KEYS = {"input_ids", "attention_mask", "labels"}
 
 
 def empirical_fisher(
@@ -235,6 +235,7 @@ def empirical_fisher(
     chunk_elements: int | None = None,
     with_mean: bool = True,
     loss_scale: float = 1.0,
+    consumer: Callable[[], FisherConsumer] | None = None,
 ) -> tuple[TensorDict, TensorDict | None]:
     """Mean of squared per-sample gradients, and the mean gradient, over ``examples`` (split across ranks).
 
@@ -247,16 +248,20 @@ def empirical_fisher(
 
     ``loss_scale`` S (fp16): the backward runs on S times the loss and F is divided by S**2 (the mean by S); if the
     result is not finite (an overflow) the pass is repeated at S/16, down to S = 1.
+
+    ``consumer``: makes the consumer that keeps the squared gradients (default: whole parameters). A consumer that
+    keeps only this rank's part of each parameter (ZeRO-3 slices) makes every rank run every example, with nothing
+    summed across ranks afterwards.
     """
     if not examples:
         raise ValueError("The empirical Fisher needs at least one learning example (`lwf_fisher_samples`).")
-    if loss_fn is not None or any(set(e) - _BATCHABLE_KEYS or "labels" not in e or e["input_ids"].shape[0] != 1
+    if loss_fn is not None or any(set(e) - BATCHABLE_KEYS or "labels" not in e or e["input_ids"].shape[0] != 1
                                   for e in examples):
         fisher, mean = empirical_fisher_reference(model, examples, loss_fn)
         return fisher, (mean if with_mean else None)
     params = trainable_parameters(model)
     # FSDP: every rank runs every example (the forwards are collective) and fills only its own rows.
-    sharded = is_sharded(params.values())
+    sharded = is_sharded(params.values()) or consumer is not None
     mine = examples if sharded else [examples[i] for i in shard_indices(len(examples))]
 
     def losses(m, batch):
@@ -265,28 +270,28 @@ def empirical_fisher(
 
     scale = float(loss_scale)
     while True:
-        consumer = FisherConsumer(params, with_mean=with_mean)
+        sink = consumer() if consumer is not None else FisherConsumer(params, with_mean=with_mean)
         was_training = model.training
         model.eval()
         try:
             for start in range(0, len(mine), batch_size):
-                batch = _pad_examples(mine[start : start + batch_size])
-                per_sample_pass(model, batch, consumer, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+                batch = pad_examples(mine[start : start + batch_size])
+                per_sample_pass(model, batch, sink, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS,
                                 loss_scale=scale)
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
         names = sorted(params)
-        sums = consumer.sums or {}
+        sums = getattr(sink, "sums", None) or {}
         if not sharded:  # in place, one parameter at a time: no concatenated fp32 copy of the model
-            for tensor in [consumer.squares[n] for n in names] + [sums[n] for n in names if n in sums]:
+            for tensor in [sink.squares[n] for n in names] + [sums[n] for n in names if n in sums]:
                 all_reduce_(tensor)
-        if scale <= 1.0 or _all_finite(consumer.squares):
+        if scale <= 1.0 or _all_finite(sink.squares):
             break
-        del consumer
+        del sink
         scale = max(1.0, scale / 16)
     count = len(examples)
-    fisher = {n: f.div_(count * scale**2) for n, f in consumer.squares.items()}
+    fisher = {n: f.div_(count * scale**2) for n, f in sink.squares.items()}
     return fisher, ({n: m.div_(count * scale) for n, m in sums.items()} if with_mean else None)
 
 
@@ -303,7 +308,7 @@ def _all_finite(tensors: TensorDict) -> bool:
     return not bool(bad.item())
 
 
-def _pad_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def pad_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-pad single-example causal-LM batches into one (padding carries attention 0 and label -100)."""
     length = max(e["input_ids"].shape[1] for e in examples)
     device = examples[0]["input_ids"].device

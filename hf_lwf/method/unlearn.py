@@ -142,34 +142,51 @@ class PreconditionedAscent:
             for p in params:
                 if p.grad is None:
                     continue
-                grad = p.grad
+                grad = local_view(p.grad)
                 if kind == "sgd":
-                    update = grad.mul(lr * self.coef)
+                    update, clamped = grad.mul(lr * self.coef), None
                 else:
                     state = self.optimizer.state.get(p, {})
                     second = state.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq")
-                    magnitude = grad.float().abs()
-                    if second is None or "step" not in state:
-                        root = torch.zeros_like(magnitude)  # no state yet: Adam's first step, a sign-like step
-                    else:
-                        root = (second.float() / (1 - beta2 ** float(state["step"]))).sqrt_()
-                    clamped = (local_view(magnitude) > local_view(root)).sum()
+                    step = float(state["step"]) if second is not None and "step" in state else 0.0
+                    update, clamped = preconditioned_update(grad, None if second is None else local_view(second),
+                                                            step, beta2=beta2, eps=eps, lr=lr, coef=self.coef)
+                if clamped is not None:
                     self.clamped = clamped if self.clamped is None else self.clamped + clamped
-                    # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
-                    denom = torch.maximum(root, magnitude).add_(eps)
-                    update = grad.float().div(denom).mul_(lr * self.coef)
-                # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it.
-                # The norm is that of the change the weights actually took (in bf16 a tiny step can round away).
-                moved = p.detach().sub(update.to(p.dtype))
-                change = local_view(moved).float() - local_view(p.detach()).float()
-                p.copy_(moved)
-                norm = change.pow(2).sum()
+                norm = apply_update_(local_view(p.detach()), update).pow(2).sum()
                 total = norm if total is None else total + norm
         if total is None:
             return 0.0
         if is_sharded(self.groups[0][0]):
             total = all_reduce_(total)
         return float(total.sqrt())
+
+
+def preconditioned_update(grad: torch.Tensor, second: torch.Tensor | None, step: float, *, beta2: float, eps: float,
+                          lr: float, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(update, clamped)``: ``lambda*eta*g / (max(sqrt(v_hat), |g|) + eps)`` in fp32, ``v_hat`` the bias-corrected
+    second moment ``second / (1 - beta2**step)`` (``None``, before any step: 0, a sign-like step of size
+    ``lambda*eta``), and how many coordinates the ``|g|`` bound acted on. The weights move by ``-update``."""
+    magnitude = grad.float().abs()
+    if second is None or step <= 0:
+        root = torch.zeros_like(magnitude)
+    else:
+        root = (second.float() / (1 - beta2**step)).sqrt_()
+    clamped = (magnitude > root).sum()
+    # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
+    denom = torch.maximum(root, magnitude).add_(eps)
+    return grad.float().div(denom).mul_(lr * coef), clamped
+
+
+@torch.no_grad()
+def apply_update_(weights: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``weights <- weights - update`` rounded to the weights' dtype, in place; returns the change they took in fp32
+    (a tiny bf16 step can round away). The ascent loss is ``-coef * mean``: the gradient already points down the
+    forget loss, so the update is subtracted."""
+    moved = weights.sub(update.to(weights.dtype))
+    change = moved.float() - weights.float()
+    weights.copy_(moved)
+    return change
 
 
 def check_preconditioner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -196,11 +213,13 @@ def forget_batch_losses(
     Each rank takes its share of the samples, or all of them when ``collective`` (FSDP, ZeRO-3: every forward
     involves every rank, and each runs the whole batch). Samples at or above ``loss_cap`` are forgotten already and
     dropped. Returns the step's result so far (``forget_loss``: the batch mean before the step, ``kept``,
-    ``skipped``: 1 when a loss is not finite, ``applied``: 0) and this rank's kept losses (None when it has none).
+    ``kept_rows``: the batch positions of the kept samples, ``skipped``: 1 when a loss is not finite, ``applied``: 0)
+    and this rank's kept losses (None when it has none).
     """
     size = batch["input_ids"].shape[0]
     mine = list(range(size)) if collective else shard_indices(size)
-    stats = torch.zeros(3, device=collective_device(input_device(model)))  # loss sum, kept count, non-finite flag
+    # loss sum, kept count, non-finite flag, then one kept flag per row (so every rank knows which rows counted)
+    stats = torch.zeros(3 + size, device=collective_device(input_device(model)))
     kept_losses = None
     if mine:
         losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
@@ -209,11 +228,14 @@ def forget_batch_losses(
         stats[2] = float(not bool(finite.all()))
         keep = finite & (losses.detach() < loss_cap)
         stats[1] = keep.sum()
+        stats[3 + torch.tensor(mine, device=stats.device)] = keep.to(stats.device, stats.dtype)
         kept_losses = losses[keep]
     if not collective:
         all_reduce_sum_([stats])
-    loss_sum, kept, non_finite = stats.tolist()
-    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": int(bool(non_finite)), "applied": 0}
+    values = stats.tolist()
+    loss_sum, kept, non_finite = values[:3]
+    result = {"forget_loss": loss_sum / max(size, 1), "kept": int(kept), "skipped": int(bool(non_finite)), "applied": 0,
+              "kept_rows": [row for row, flag in enumerate(values[3:]) if flag > 0]}
     return result, kept_losses
 
 

@@ -262,29 +262,17 @@ def test_inspect_prints_and_saves_the_ranking(workdir, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
-def test_inspect_applies_no_ascent(workdir, tmp_path):
-    from hf_lwf.app.inspect import ScoreOnlyCallback
+def test_inspect_applies_no_ascent(workdir, tmp_path, monkeypatch):
+    import hf_lwf.backends.base as backend_module
+    from hf_lwf import LWFRun
 
-    called = []
-    original = ScoreOnlyCallback._unlearn
-
-    def spy(self, *args, **kwargs):
-        called.append(1)
-        return original(self, *args, **kwargs)
-
-    import hf_lwf.method.unlearn as unlearn_module
-
-    steps = []
-    real_ascent = unlearn_module.ascent_step
-    try:
-        unlearn_module.ascent_step = lambda *a, **k: steps.append(1) or real_ascent(*a, **k)
-        ScoreOnlyCallback._unlearn = spy
-        config = _write_yaml(tmp_path / "run.yaml", _config(workdir))
-        assert main(["inspect", config, "--output_dir", str(tmp_path / "o"), "--show", "0"]) == 0
-    finally:
-        ScoreOnlyCallback._unlearn = original
-        unlearn_module.ascent_step = real_ascent
-    assert called == [1] and steps == []
+    called, steps = [], []
+    monkeypatch.setattr(LWFRun, "unlearn", lambda self, *a, **k: called.append(1))
+    real_ascent = backend_module.ascent_step
+    monkeypatch.setattr(backend_module, "ascent_step", lambda *a, **k: steps.append(1) or real_ascent(*a, **k))
+    config = _write_yaml(tmp_path / "run.yaml", _config(workdir))
+    assert main(["inspect", config, "--output_dir", str(tmp_path / "o"), "--show", "0"]) == 0
+    assert called == [] and steps == []
 
 
 def test_format_table_truncates_and_elides():

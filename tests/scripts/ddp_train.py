@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import build_tokenizer, learning_dataset, lm_collator, lwf_args, run_rank, tiny_llama  # noqa: E402
 
-import hf_lwf.callback as callback_module  # noqa: E402
+import hf_lwf.backends.base as callback_module  # noqa: E402
 from hf_lwf import LWFTrainer  # noqa: E402
 
 

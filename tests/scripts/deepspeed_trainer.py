@@ -57,7 +57,7 @@ def whole_parameters(trainer, stage: int) -> list[torch.Tensor]:
 def whole_fisher(callback, trainer, stage: int) -> dict[str, float]:
     fisher = callback.lwf_state.fisher
     if stage == 3:  # this rank's slices only: gather them to compare with the DDP run
-        from hf_lwf.deepspeed_support import gather_partitions
+        from hf_lwf.backends.zero import gather_partitions
 
         fisher = gather_partitions(fisher, trainable_parameters(trainer.model))
     return {n: float(f.double().abs().sum()) for n, f in sorted(fisher.items())}
@@ -66,28 +66,37 @@ def whole_fisher(callback, trainer, stage: int) -> dict[str, float]:
 def run(output_dir: str, phase: str) -> None:
     tokenizer = build_tokenizer()
     kind = phase.split("-")[0]
-    engine, empirical = re.fullmatch(r"(ddp|zero\d)(emp)?", kind).groups()
+    engine, variant = re.fullmatch(r"(ddp|zero\d)(emp|pre)?", kind).groups()
     stage = int(engine[4:]) if engine.startswith("zero") else None
     extra = {} if stage is None else {"deepspeed": deepspeed_config(stage)}
-    if empirical:  # F from per-sample gradients of learning examples at each scoring point
+    if variant == "emp":  # F from per-sample gradients of learning examples at each scoring point
         extra.update(lwf_fisher="empirical", lwf_fisher_samples=4)
+    ascent = dict(lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05)
+    if variant == "pre":  # the default ascent, preconditioned by the learning optimizer's second moment
+        ascent = dict(lwf_unlearn_optimizer="preconditioned", lwf_unlearn_coef=0.5)
     folder = os.path.join(output_dir, phase if "-" not in phase else f"{kind}-split")
     args = lwf_args(folder, max_steps=6, per_device_train_batch_size=2, lwf_unlearn_every=2, lwf_forget_ratio=0.5,
                     lwf_unlearn_batch_size=2, lwf_mask_ratio=0.5, lwf_forget_loss_cap=50.0, save_strategy="steps",
-                    save_steps=2, ddp_find_unused_parameters=False, lwf_unlearn_optimizer="sgd", lwf_unlearn_lr=0.05,
-                    **extra)
+                    save_steps=2, ddp_find_unused_parameters=False, **ascent, **extra)
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=learning_dataset(tokenizer),
                          processing_class=tokenizer, data_collator=lm_collator(tokenizer),
                          callbacks=[Crash()] if phase.endswith("crash") else None)
     moved = []
-    unlearn = trainer.lwf_callback._unlearn
+    unlearn = trainer.lwf_run.unlearn
+    optimizer_touched = []
 
-    def measured_unlearn(args_, model, optimizer, steps):  # how far the ascent steps moved the (whole) weights
+    def measured_unlearn(model, optimizer, steps, max_grad_norm):  # how far the ascent steps moved the whole weights
         before = whole_parameters(trainer, stage)
-        unlearn(args_, model, optimizer, steps)
+        client = trainer.lwf_run.backend.learning_optimizer(optimizer)  # the torch optimizer (inside ZeRO's)
+        state = {(id(p), k): v.clone() for p, s in client.state.items() for k, v in s.items() if torch.is_tensor(v)}
+        applied = unlearn(model, optimizer, steps, max_grad_norm)
         moved.append(float(sum((a - b).double().abs().sum() for a, b in zip(whole_parameters(trainer, stage), before))))
+        after = {(id(p), k): v for p, s in client.state.items() for k, v in s.items() if torch.is_tensor(v)}
+        optimizer_touched.append(state.keys() != after.keys() or any(not torch.equal(v, after[k])
+                                                                     for k, v in state.items()))
+        return applied
 
-    trainer.lwf_callback._unlearn = measured_unlearn
+    trainer.lwf_run.unlearn = measured_unlearn
     try:
         trainer.train(resume_from_checkpoint=True if phase.endswith("resume") else None)
     except KeyboardInterrupt:
@@ -99,9 +108,10 @@ def run(output_dir: str, phase: str) -> None:
         "deepspeed": trainer.is_deepspeed_enabled,
         "stage": stage,
         "engine_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if stage else None,
-        "lwf_stage": callback.deepspeed_stage,
+        "lwf_stage": getattr(callback.run.backend, "stage", None),
         "weights": [float(p.double().abs().sum()) for p in params],
         "ascent_moved": moved,
+        "optimizer_touched": optimizer_touched,
         "checksum": float(sum(p.double().sum() for p in params)),
         "self_data": [list(r) for r in callback.self_data["response_ids"]],
         "scores": state.scores,

@@ -31,6 +31,7 @@ from conftest import (  # noqa: E402
     FORGET_PROMPTS, build_tokenizer, learning_dataset, lm_collator, run_rank, tiny_gpt2, tiny_llama,
 )
 
+from hf_lwf.backends import detect_backend  # noqa: E402
 from hf_lwf import LWFCallback, LWFConfig  # noqa: E402
 from hf_lwf.method.confidence import score_self_data  # noqa: E402
 from hf_lwf.distributed import local_rows, local_view  # noqa: E402
@@ -142,7 +143,7 @@ def pieces(arch: str, output_dir: str, tokenizer, batch) -> dict:
     loaded.place_like(params)
     plain_callback = LWFCallback(LWFConfig(lwf_forget_prompts=FORGET_PROMPTS))  # not registered by LWFTrainer
     try:
-        plain_callback._check_engine(SimpleNamespace(), sharded)
+        detect_backend(SimpleNamespace(), sharded).check(plain_callback.config, via_trainer=False, model=sharded)
         out["plain_callback_refused"] = ""
     except ValueError as err:
         out["plain_callback_refused"] = str(err)
@@ -175,7 +176,7 @@ def train(model, tokenizer, batches, output_dir, steps, *, start=0, resume_dir=N
     while state.global_step < steps:
         model.train()
         model(**batches[state.global_step % len(batches)]).loss.backward()
-        callback.update_fisher(model, state.global_step)
+        callback.run.update_fisher(model, state.global_step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         callback.on_optimizer_step(args, state, control, model=model, optimizer=optimizer)
@@ -187,7 +188,7 @@ def train(model, tokenizer, batches, output_dir, steps, *, start=0, resume_dir=N
             if rank == 0:
                 os.makedirs(checkpoint, exist_ok=True)
             dist.barrier()
-            callback.save_state(args, checkpoint, state.global_step)
+            callback.run.save(checkpoint, state.global_step, should_save=args.should_save, model=model)
             dist.barrier()
     return callback, optimizer
 
