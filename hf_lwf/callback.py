@@ -381,9 +381,9 @@ class LWFCallback(TrainerCallback):
         if fetch is None:
             fisher_lib.online_fisher_update_(lwf.fisher, grads, **options)
         else:  # F's entries exist already: each decays exactly once, with its own gradient
-            for index, name in enumerate(lwf.fisher):
+            for name in lwf.fisher:
                 grad = fetch(name, params[name])
-                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, index_offset=index, **options)
+                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, **options)
                 del grad
         lwf.fisher_updates += 1
 
