@@ -30,7 +30,7 @@ from .config import GENERATION_FIELDS, LWFConfig
 from .data import load_forget_prompts
 from .distributed import input_device
 from .method import fisher as fisher_lib
-from .method.confidence import score_self_data
+from .method.confidence import parameter_rates, score_self_data
 from .method.selfgen import collate_self_data, generate_self_data
 from .method.unlearn import ForgetSampler, check_preconditioner, select_forget_set
 from .resume import reconcile
@@ -225,9 +225,9 @@ class LWFRun:
         if fetch is None:
             fisher_lib.online_fisher_update_(lwf.fisher, grads, **options)
         else:  # F's entries exist already: each decays exactly once, with its own gradient
-            for index, name in enumerate(lwf.fisher):
+            for name in lwf.fisher:
                 grad = fetch(name, params[name])
-                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, index_offset=index, **options)
+                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, **options)
                 del grad
         lwf.fisher_updates += 1
 
@@ -311,10 +311,10 @@ class LWFRun:
                 fisher, scale = self.backend.empirical_fisher(
                     model, examples, batch_size=config.lwf_fisher_batch_size,
                     chunk_elements=config.lwf_score_chunk_size, loss_scale=_loss_scale(optimizer)), 1.0
+            lr, rates = self._scoring_rates(model, optimizer, self._step_rates)
             terms = self.backend.scoring_terms(fisher, model=model, reference=lwf.reference, scale=scale,
-                                               mask_ratio=config.lwf_mask_ratio)
-            scores = self.score(model, terms, self._step_rate, loss_scale=_loss_scale(optimizer),
-                                show_progress=show_progress)
+                                               mask_ratio=config.lwf_mask_ratio, rates=rates)
+            scores = self.score(model, terms, lr, loss_scale=_loss_scale(optimizer), show_progress=show_progress)
             self.select(scores, config.lwf_seed + point)
             self._metrics["lwf/num_selected"] = float(len(lwf.forget_indices))
         if self.preview:
@@ -334,10 +334,12 @@ class LWFRun:
         curvature, delta = fisher_lib.empirical_fisher(model, examples, batch_size=config.lwf_fisher_batch_size,
                                                        chunk_elements=config.lwf_score_chunk_size,
                                                        loss_scale=_loss_scale(optimizer))
-        for g in delta.values():
-            g.mul_(-self._default_lr)  # D = -eta * mean learning gradient, in place
-        terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio)
-        scores = self.score(model, terms, self._default_lr, loss_scale=_loss_scale(optimizer))
+        lr, rates = self._scoring_rates(model, optimizer, self.ascent_rates(optimizer))  # the configured peaks
+        for name, g in delta.items():
+            g.mul_(-(rates[name] if rates else lr))  # D = -eta_g * mean learning gradient, in place
+        terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio,
+                                                   rates=rates)
+        scores = self.score(model, terms, lr, loss_scale=_loss_scale(optimizer))
         self.select(scores, config.lwf_seed)
         self._metrics["lwf/num_selected"] = float(len(self.state.forget_indices))
         del curvature, delta, terms
@@ -382,11 +384,21 @@ class LWFRun:
         clipping before any step, the early schedule)."""
         self._default_lr, self._max_grad_norm = float(learning_rate), float(max_grad_norm)
 
+    def _scoring_rates(self, model, optimizer, rates: list[float] | None) -> tuple[float, dict[str, float] | None]:
+        """``(lr, rates)`` of c(x): where every param group took the same rate, that rate for all parameters;
+        otherwise each parameter's group rate (``rates`` by name, ``lr`` 1: the terms carry eta)."""
+        if optimizer is None or not rates:
+            return self._step_rate, None
+        if len(set(rates)) == 1:
+            return float(rates[0]), None
+        groups = [{"params": members} for members in self.backend.parameter_groups(optimizer)]
+        return 1.0, parameter_rates(groups, fisher_lib.trainable_parameters(model), rates)
+
     def score(self, model, terms, lr: float, *, loss_scale: float = 1.0, show_progress: bool = False) -> torch.Tensor:
         """c(x) of every D_self sample (float64 on the CPU, NaN where not finite); records the statistics."""
         config, lwf = self.config, self.state
         start = time.perf_counter()
-        self.scoring_rates = [lr]
+        self.scoring_rates = [lr] if getattr(terms, "rates", None) is None else sorted(set(terms.rates.values()))
         scores = score_self_data(
             model, self.self_data, self._pad_id, terms, None, lr, mode=config.lwf_confidence,
             batch_size=config.lwf_score_batch_size, show_progress=show_progress,

@@ -117,6 +117,33 @@ def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
+def tied_bf16_state(seed: int = 0):
+    """``(model, reference, fisher)``: a small bf16 model, its theta_ref and an F with ``|F * D|`` full of exact ties.
+
+    Most weights did not move (D == 0 exactly, as when small AdamW steps round away in bf16), the others moved by
+    +-2**-6 or +-2**-5, and F takes the values 0, 1/4, 1/2, 1 and 2, so F * D (times a power of two) is exact in
+    fp32 and float64 alike. The parameters are registered out of name order, with shapes that split unevenly
+    across two ranks (FSDP rows, ZeRO-3 flat slices)."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Module()
+    model.z = torch.nn.Linear(6, 5)
+    model.a = torch.nn.Embedding(7, 3)
+    model.m = torch.nn.Linear(4, 9, bias=False)
+    model.to(torch.bfloat16)
+    levels = torch.tensor([-2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0])
+    steps = torch.tensor([0.0] * 7 + [2.0**-6, -(2.0**-6), 2.0**-5, -(2.0**-5)])
+    curvatures = torch.tensor([0.0, 0.25, 0.5, 1.0, 2.0])
+    reference, fisher = {}, {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            pick = lambda values: values[torch.randint(len(values), p.shape, generator=g)]  # noqa: E731
+            ref = pick(levels)
+            reference[name] = ref.to(torch.bfloat16)
+            p.copy_(ref + pick(steps))
+            fisher[name] = pick(curvatures)
+    return model, reference, fisher
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model(request, tokenizer):
     """Each tiny architecture in eval mode: Llama, and GPT-2 with its tied embeddings."""

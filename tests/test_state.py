@@ -314,3 +314,28 @@ def test_place_like_keeps_the_state_where_it_is_told(tmp_path):
     loaded = LWFState.load(_saved(tmp_path))
     loaded.place_like({"lm_head.weight": torch.empty(1, device="meta")}, device="cpu")
     assert loaded.fisher["lm_head.weight"].device.type == "cpu"
+
+
+def test_a_bf16_fisher_resumes_bitwise(tmp_path):
+    """Saved after 3 updates, loaded (safetensors lists the entries in name order, not the model's) and updated 3
+    more times: the same bits as the run that never stopped."""
+    from hf_lwf.method.fisher import online_fisher_update_
+
+    g = torch.Generator().manual_seed(4)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (6, 4), "model.embed_tokens.weight": (9, 4), "lm_head.weight": (9, 4)}
+    steps = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(6)]
+    fisher = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes.items()}
+
+    def update(f, start, stop):
+        for step in range(start, stop):
+            online_fisher_update_(f, steps[step], 0.99, dtype=torch.bfloat16, seed=20 + step)
+
+    update(fisher, 0, 3)
+    LWFState(fisher=fisher, fisher_updates=3).save(str(tmp_path))
+    resumed = LWFState.load(str(tmp_path)).fisher
+    assert list(resumed) != list(fisher)  # the order the fault came from
+    update(fisher, 3, 6)
+    update(resumed, 3, 6)
+    for name in shapes:
+        assert resumed[name].dtype == torch.bfloat16
+        assert torch.equal(resumed[name].view(torch.int16), fisher[name].view(torch.int16)), name

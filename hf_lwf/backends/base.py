@@ -79,6 +79,10 @@ class Backend:
         """The torch optimizer whose param groups and state describe the learning step."""
         return raw_optimizer(optimizer)
 
+    def parameter_groups(self, optimizer) -> list[list[torch.nn.Parameter]]:
+        """The model parameters of each param group of the learning optimizer, in group order."""
+        return [list(group["params"]) for group in self.learning_optimizer(optimizer).param_groups]
+
     def install_step_hook(self, engine, update) -> None:
         """Run ``update()`` inside the engine's optimizer step (engines that own the step; a no-op here)."""
 

@@ -33,7 +33,7 @@ import torch
 
 from ..distributed import all_reduce_, all_reduce_sum_, rank_and_world
 from ..method import fisher as fisher_lib
-from ..method.fisher import ScoringTerms, kth_largest, trainable_parameters
+from ..method.fisher import ScoringTerms, TopKMask, checked_rates, trainable_parameters
 from ..method.persample import Consumer
 from ..method.unlearn import apply_update_, check_preconditioner, forget_batch_losses, preconditioned_update
 from ..state import LWFState
@@ -170,6 +170,10 @@ class ZeroBackend(Backend):
         """The client torch optimizer inside DeepSpeed's ZeRO optimizer: its param groups and state keys."""
         return raw_optimizer(raw_optimizer(optimizer))
 
+    def parameter_groups(self, optimizer):
+        zero = raw_optimizer(optimizer)  # its param groups hold flat fp32 partitions; these lists hold the model's
+        return [list(members) for members in getattr(zero, "fp16_groups" if self.stage == 3 else "bit16_groups")]
+
     def install_step_hook(self, engine, update) -> None:
         install_fisher_hook(engine, update)
 
@@ -184,7 +188,7 @@ class ZeroBackend(Backend):
     # ------------------------------------------------------------------------------------------- the ascent
     def ascent(self, rule, *, optimizer, params, rates, coef, sgd_lr, loss_scale):
         zero = raw_optimizer(optimizer)
-        groups = getattr(zero, "fp16_groups" if self.stage == 3 else "bit16_groups")
+        groups = self.parameter_groups(optimizer)
         group_of = {id(p): g for g, members in enumerate(groups) for p in members}
         client = zero.optimizer
         if rule == "preconditioned":
@@ -297,22 +301,26 @@ class PartitionTerms(ScoringTerms):
     """``w = M * F * D`` and ``F_M = M * F`` under ZeRO-3: nonzero on this rank's slice of each parameter only.
 
     Every rank scores every sample; the per-sample sums over a rank's slice are partial sums that the scoring pass
-    adds across ranks. The mask threshold is an exact radix select over all ranks' slices.
+    adds across ranks. The mask keeps exactly ``round(mask_ratio * N)`` entries over all ranks' slices, ties broken
+    by position (:class:`~hf_lwf.method.fisher.TopKMask`; each slice starts at its flat index in the parameter).
     """
 
     @classmethod
     def from_state(cls, fisher, *, model=None, reference=None, delta=None, scale: float = 1.0,
-                   mask_ratio: float = 1.0) -> PartitionTerms:
+                   mask_ratio: float = 1.0, rates: dict[str, float] | None = None) -> PartitionTerms:
         if delta is not None or model is None or reference is None:
             raise ValueError("PartitionTerms needs `model` and `reference` (D = theta_now - theta_ref).")
         terms = cls()
         terms._fisher, terms._reference, terms._scale = fisher, reference, scale
+        terms.rates = checked_rates(rates, set(fisher))
         terms._params = trainable_parameters(model)
         if mask_ratio < 1.0:
             total = sum(terms._params[n].ds_numel for n in fisher)
-            keep = max(1, round(mask_ratio * total))
-            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep,
-                                          across_ranks=True)
+            starts = {n: partition_range(terms._params[n])[0] for n in fisher}
+            # one row per slice: the slice is always scored whole, so no per-element tie counts are kept
+            terms._mask = TopKMask(lambda n: terms._fisher_delta(n, None)[1].abs().reshape(1, -1), fisher,
+                                   max(1, round(mask_ratio * total)), starts=starts, across_ranks=True)
+            terms.threshold = terms._mask.threshold
         return terms
 
     def _fisher_delta(self, name: str, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,11 +330,16 @@ class PartitionTerms(ScoringTerms):
             f = f * self._scale
         return f, f * (live - self._reference[name].to(device=live.device, dtype=torch.float32))
 
+    def mask(self, name: str, rows: slice | None = None) -> torch.Tensor | None:
+        """M of this rank's slice (flat, bool), or None without a mask (``rows`` is ignored)."""
+        return None if self._mask is None else self._mask.keep(name, self._fisher_delta(name, None)[1].abs())
+
     def chunk(self, name: str, rows: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         f, fd = self._fisher_delta(name, None)
-        if self.threshold is not None:
-            mask = fd.abs() >= self.threshold
-            f, fd = f * mask, fd * mask
+        if self._mask is not None:
+            keep = self._mask.keep(name, fd.abs())
+            f, fd = f * keep, fd * keep
+        fd, f = self._rated(name, fd, f)
         return self._embed(name, fd, rows), self._embed(name, f, rows)
 
     def _embed(self, name: str, local: torch.Tensor, rows: slice | None) -> torch.Tensor:

@@ -5,7 +5,10 @@ task around its target theta + D with curvature F (masked), the learning loss th
 
     c(x) = eta * g_x . w  +  eta**2 / 2 * sum_i M_i F_i g_{x,i}**2  =  eta * a(x) + eta**2 / 2 * n(x),
 
-with w = M * F * D. :func:`batch_confidence` gets both terms for a whole batch from one forward+backward and
+with w = M * F * D. With a learning rate per optimizer param group the step is u_x = -eta_g * g_x on the parameters
+of group g, and c(x) = sum_g eta_g * a_g(x) + eta_g**2 / 2 * n_g(x), a_g and n_g the sums over that group's
+parameters: the terms then carry the rates (``ScoringTerms(rates=...)``, :func:`parameter_rates`) and ``lr`` is 1.
+:func:`batch_confidence` gets both terms for a whole batch from one forward+backward and
 per-layer per-sample gradients (:mod:`hf_lwf.method.persample`); w and M * F are formed one parameter block at a time
 from F, theta_ref and the live weights (:class:`~hf_lwf.method.fisher.ScoringTerms`). ``a(x)`` alone is also a
 directional derivative, one forward-mode pass (:func:`alignment_scores`).
@@ -26,12 +29,33 @@ from .selfgen import collate_self_data
 
 
 def combine(alignment: torch.Tensor, norms: torch.Tensor | None, lr: float, mode: str) -> torch.Tensor:
-    """``c = eta * a`` (alignment) or ``c = eta * a + eta**2 / 2 * n`` (deviation)."""
+    """``c = eta * a`` (alignment) or ``c = eta * a + eta**2 / 2 * n`` (deviation); ``lr`` 1 when ``a`` and ``n``
+    already carry per-parameter rates."""
     if mode == "alignment":
         return lr * alignment
     if norms is None:
         raise ValueError("The 'deviation' confidence needs the Fisher-weighted gradient norms n(x).")
     return lr * alignment + 0.5 * lr**2 * norms
+
+
+def parameter_rates(optimizer, params: dict[str, torch.Tensor], rates: list[float]) -> dict[str, float]:
+    """Each trainable parameter's learning rate: ``rates[i]`` for the parameters of the optimizer's param group ``i``.
+
+    ``optimizer``: an optimizer (an accelerate wrapper too) or its ``param_groups``; ``rates``: one per group, the
+    rate each group's last step took. Parameters are matched by identity; one that is in no group (so no step
+    moves it) is an error naming it."""
+    groups = getattr(optimizer, "param_groups", optimizer)
+    groups = list(groups)
+    if len(rates) != len(groups):
+        raise ValueError(f"`rates` has {len(rates)} learning rates for an optimizer with {len(groups)} param groups.")
+    group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
+    out = {}
+    for name, p in params.items():
+        if id(p) not in group_of:
+            raise ValueError(f"The trainable parameter {name} is in no param group of the optimizer: LWF cannot tell "
+                             "its learning rate (add it to the optimizer, or freeze it).")
+        out[name] = float(rates[group_of[id(p)]])
+    return out
 
 
 def alignment_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: TensorDict) -> torch.Tensor:
@@ -128,8 +152,12 @@ def score_self_data(
     learning step's does, so small per-sample gradients do not underflow in half precision; ``a`` is divided by S
     and ``n`` by S**2. A batch with a non-finite result is scored again at S/2, down to S = 1 (an overflow), and
     a sample still non-finite then is never selected.
+
+    Terms with per-parameter ``rates`` already hold eta: ``lr`` must then be 1.
     """
     terms = direction if isinstance(direction, ScoringTerms) else ScoringTerms.explicit(direction, curvature)
+    if terms.rates is not None and lr != 1.0:
+        raise ValueError(f"`lr` is {lr} but the scoring terms carry per-parameter rates already: pass lr=1.")
     device = input_device(model)
     sharded = is_sharded(model)
     if sharded and mode == "alignment" and alignment == "jvp":

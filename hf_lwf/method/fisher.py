@@ -5,6 +5,8 @@ Every function takes and returns ``{parameter name: tensor}`` dicts over the tra
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -14,7 +16,9 @@ from ..distributed import (
     all_reduce_sum_,
     collective_device,
     is_sharded,
+    local_rows,
     local_view,
+    rank_and_world,
     reshard,
     shard_indices,
 )
@@ -41,7 +45,6 @@ def online_fisher_update_(
     device=None,
     grad_scale: float | torch.Tensor = 1.0,
     seed: int = 0,
-    index_offset: int = 0,
 ) -> None:
     """``F <- decay * F + (1 - decay) * (g / grad_scale)**2`` in place, for every entry of ``F`` and of ``grads``.
 
@@ -60,8 +63,9 @@ def online_fisher_update_(
     ``F`` is caught at the next unlearning point (:func:`check_finite`). bf16 ``F``: each parameter is updated in
     fp32 and rounded stochastically to bf16 (random bits from ``seed``: pass a new one each step), so the decrement
     of a decay close to 1 is not rounded away; this path loops over parameters, one fp32 temporary at a time. The
-    random bits of the i-th entry of ``F`` come from ``(seed, index_offset + i)``: a caller folding in one
-    parameter at a time passes its position as ``index_offset`` and draws the bits of a single call.
+    random bits of an entry come from ``(seed, its parameter name)`` (:func:`rounding_seed`), never from its
+    position in ``F``: the order of ``F``'s entries (changed by a reload) and folding in one parameter per call
+    give the same bits.
 
     ``F`` on another device than the gradients (``lwf_state_device='cpu'``): the gradients are copied into pinned
     host buffers (non-blocking, one wait per step) and the update runs there. Under FSDP2 the gradients and ``F``
@@ -98,7 +102,7 @@ def online_fisher_update_(
         if pairs:
             torch._foreach_addcmul_([fs[n] for n in pairs], [gs[n] for n in pairs], [gs[n] for n in pairs],
                                     value=(1 - decay) / scale**2)
-    for index, n in enumerate(names):
+    for n in names:
         if fs[n].dtype == torch.float32:
             continue
         f = fs[n].float().mul_(decay)
@@ -106,8 +110,17 @@ def online_fisher_update_(
             g = gs[n].float()
             scale = grad_scale.to(f.device, torch.float32) if torch.is_tensor(grad_scale) else grad_scale
             f.addcmul_(g, g * ((1 - decay) / scale**2))
-        generator = torch.Generator(device=f.device).manual_seed(seed * 1_000_003 + index_offset + index)
+        generator = torch.Generator(device=f.device).manual_seed(rounding_seed(seed, n))
         fs[n].copy_(stochastic_round(f, fs[n].dtype, generator))
+
+
+def rounding_seed(seed: int, name: str) -> int:
+    """The generator seed of the stochastic rounding of parameter ``name``'s ``F`` at step seed ``seed``.
+
+    A hash of both (BLAKE2b, 63 bits), the same in every process: Python's ``hash()`` of a string is salted per
+    process, and an entry's position in ``F`` changes when the state is reloaded."""
+    digest = hashlib.blake2b(f"{int(seed)}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def zeros_like_parameters(
@@ -362,14 +375,17 @@ def intended_update(current: TensorDict, reference: TensorDict) -> TensorDict:
 
 
 def update_mask(fisher: TensorDict, delta: TensorDict, ratio: float) -> TensorDict | None:
-    """1 on the top-``ratio`` fraction (over all entries) of ``|F * D|``, else 0; ``None`` when ``ratio`` is 1."""
+    """1 on the top-``ratio`` fraction (over all entries) of ``|F * D|``, else 0; ``None`` when ``ratio`` is 1.
+
+    Exactly ``k = max(1, round(ratio * N))`` entries: ties are broken by position (parameters in name order, then
+    the flat index within a parameter), as :class:`TopKMask` does without concatenating anything."""
     if ratio >= 1.0:
         return None
     names = sorted(fisher)
     flat = torch.cat([(fisher[n] * delta[n]).abs().reshape(-1) for n in names])
     keep = max(1, int(round(ratio * flat.numel())))
     flat_mask = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-    flat_mask[torch.topk(flat, keep, sorted=False).indices] = 1.0
+    flat_mask[torch.sort(flat, descending=True, stable=True).indices[:keep]] = 1.0
     sizes = [fisher[n].numel() for n in names]
     return {n: m.view_as(fisher[n]) for n, m in zip(names, torch.split(flat_mask, sizes))}
 
@@ -448,6 +464,69 @@ def kth_largest(values: Callable[[str], torch.Tensor], names: Iterable[str], k: 
     return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
 
 
+class TopKMask:
+    """Exactly ``k`` of the non-negative fp32 numbers ``values(name)`` over all ``names``: the largest ones, ties at
+    the ``k``-th largest broken by position, so that a mask of ``|F * D|`` keeps ``k = round(rho * N)`` entries even
+    when most of them are equal (exact zeros: bf16 weights whose small steps round away).
+
+    Position is the global order: ``names`` sorted, then the row-major flat index within the whole parameter. Each
+    rank may hold a part of every parameter (``across_ranks``): a block of rows (FSDP2) or a flat slice (ZeRO-3),
+    starting at flat index ``starts[name]`` of the parameter, and ``values(name)`` gives that part. The counts of
+    entries above and at the threshold per parameter are added across ranks with one all-reduce, so every rank
+    keeps the same entries as one process holding everything would. :meth:`keep` then tells for any block of rows
+    (dim 0 of ``values(name)``) which entries are kept; one parameter per rank at most straddles the cut, and only
+    for it a count of ties per row is kept. No concatenated copy of the values is ever made.
+    """
+
+    def __init__(self, values: Callable[[str], torch.Tensor], names: Iterable[str], k: int,
+                 starts: dict[str, int] | None = None, across_ranks: bool = False):
+        names = sorted(names)
+        self.k = int(k)
+        self.threshold = kth_largest(values, names, self.k, across_ranks=across_ranks)
+        t = self.threshold
+        above, ties = 0, []
+        for name in names:
+            v = values(name)
+            over, equal = torch.stack([(v > t).sum(), (v == t).sum()]).tolist()
+            above += over
+            ties.append(equal)
+        rank, world = rank_and_world() if across_ranks else (0, 1)
+        table = torch.zeros(world, 2 * len(names) + 1, dtype=torch.int64)
+        table[rank, 0 : 2 * len(names) : 2] = torch.tensor(ties, dtype=torch.int64)
+        table[rank, 1 : 2 * len(names) : 2] = torch.tensor([(starts or {}).get(n, 0) for n in names],
+                                                           dtype=torch.int64)
+        table[rank, -1] = above
+        if across_ranks:
+            table = all_reduce_(table.to(collective_device("cpu"))).cpu()
+        counts, first = table[:, 0 : 2 * len(names) : 2], table[:, 1 : 2 * len(names) : 2]
+        self.needed = self.k - int(table[:, -1].sum())  # how many entries equal to the threshold are kept
+        if not 1 <= self.needed <= int(counts.sum()):
+            raise RuntimeError(f"The update mask's count of entries at its threshold ({int(counts.sum())}) does "
+                               f"not cover the {self.needed} it needs: the ranks disagree on |F * D|.")
+        totals = counts.sum(0)
+        earlier = ((first < first[rank]) * counts).sum(0)  # ties of this parameter on ranks holding earlier parts
+        bases = (totals.cumsum(0) - totals + earlier).tolist()
+        self._ties: dict[str, tuple[int, int]] = {n: (b, c) for n, b, c in zip(names, bases, ties)}
+        self._row_ties: dict[str, list[int]] = {}
+        for name, (base, count) in self._ties.items():
+            if base < self.needed < base + count:  # the cut falls inside this rank's part of this parameter
+                v = values(name)
+                per_row = (v == t).reshape(v.shape[0] if v.dim() else 1, -1).sum(1)
+                self._row_ties[name] = (per_row.cumsum(0) - per_row).tolist()
+
+    def keep(self, name: str, block: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """Which entries of ``block`` are kept: the values ``values(name)[row : row + len(block)]`` (the rows in the
+        local numbering of ``values(name)``; a whole 0-dim or flat part is one block at row 0)."""
+        base, count = self._ties[name]
+        if base + count <= self.needed:
+            return block >= self.threshold
+        if base >= self.needed:
+            return block > self.threshold
+        tie = block == self.threshold
+        ordinal = base + self._row_ties[name][row] + tie.reshape(-1).cumsum(0).view(tie.shape)
+        return (block > self.threshold) | (tie & (ordinal <= self.needed))
+
+
 def stage_like(tensors: TensorDict, params: dict[str, torch.Tensor]) -> TensorDict:
     """``tensors`` on their parameters' devices: the ones kept elsewhere (``lwf_state_device='cpu'``, pinned) are
     copied without blocking, once per scoring round, instead of once per scoring batch. The copies live for the
@@ -470,6 +549,11 @@ class ScoringTerms:
     per block inside the scoring pass, so none of them exists as a whole-model copy) or :meth:`explicit` from
     ready ``direction``/``curvature`` dicts. F and theta_ref may be kept in any dtype or on another device
     (bf16, CPU): each block is moved to the parameter's device in fp32 when it is used.
+
+    ``rates``: the learning rate eta of each parameter (that of its optimizer param group, :func:`parameter_rates`).
+    With them the terms are ``eta * w`` and ``eta**2 * F_M``, so ``a(x) + n(x) / 2`` is the confidence
+    ``sum_g eta_g a_g(x) + eta_g**2 / 2 n_g(x)`` of a per-group step; score them with ``lr=1``. Without them
+    the terms are unscaled and one ``lr`` applies to all.
     """
 
     def __init__(self):
@@ -480,12 +564,16 @@ class ScoringTerms:
         self._reference: TensorDict | None = None
         self._params: dict[str, torch.Tensor] | None = None
         self._scale = 1.0
+        self._mask: TopKMask | None = None
+        self.rates: dict[str, float] | None = None
         self.threshold: float | None = None
 
     @classmethod
-    def explicit(cls, direction: TensorDict, curvature: TensorDict | None = None) -> ScoringTerms:
+    def explicit(cls, direction: TensorDict, curvature: TensorDict | None = None,
+                 rates: dict[str, float] | None = None) -> ScoringTerms:
         terms = cls()
         terms._direction, terms._curvature = direction, curvature or {}
+        terms.rates = checked_rates(rates, set(direction) | set(terms._curvature))
         return terms
 
     @classmethod
@@ -498,21 +586,31 @@ class ScoringTerms:
         delta: TensorDict | None = None,
         scale: float = 1.0,
         mask_ratio: float = 1.0,
+        rates: dict[str, float] | None = None,
     ) -> ScoringTerms:
-        """``D = delta`` if given, else ``theta_now - reference`` from ``model``'s live weights; F is ``scale * fisher``."""
+        """``D = delta`` if given, else ``theta_now - reference`` from ``model``'s live weights; F is ``scale * fisher``.
+
+        ``mask_ratio`` < 1: M keeps exactly ``max(1, round(mask_ratio * N))`` entries of ``|F * D|`` over the
+        ``N`` entries of all parameters (:class:`TopKMask`; ties by position)."""
         if delta is None and (model is None or reference is None):
             raise ValueError("ScoringTerms.from_state needs `delta`, or `model` and `reference`.")
         terms = cls()
         terms._fisher, terms._delta, terms._reference, terms._scale = fisher, delta, reference, scale
+        terms.rates = checked_rates(rates, set(fisher))
         terms._params = trainable_parameters(model) if model is not None else None
         if terms._params is not None:  # F and theta_ref kept on the host: copied to the GPU once for this round
             terms._fisher = stage_like(fisher, terms._params)
             terms._reference = stage_like(reference, terms._params) if reference is not None else None
         if mask_ratio < 1.0:
             total = sum(f.numel() for f in fisher.values())
-            keep = max(1, int(round(mask_ratio * total)))
-            terms.threshold = kth_largest(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher, keep,
-                                          across_ranks=is_sharded(fisher.values()))
+            starts = {}
+            for name, f in fisher.items():
+                own = local_rows(f)
+                starts[name] = 0 if own is None else own.start * math.prod(f.shape[1:])
+            terms._mask = TopKMask(lambda n: terms._fisher_delta(n, None)[1].abs(), fisher,
+                                   max(1, int(round(mask_ratio * total))), starts=starts,
+                                   across_ranks=is_sharded(fisher.values()))
+            terms.threshold = terms._mask.threshold
         return terms
 
     def has(self, name: str) -> bool:
@@ -534,14 +632,47 @@ class ScoringTerms:
             d = param.float() - local_view(self._reference[name], rows).to(device=device, dtype=torch.float32)
         return f, f * d
 
+    def mask(self, name: str, rows: slice | None = None) -> torch.Tensor | None:
+        """M of ``param[rows]`` (bool; this rank's shard when ``rows`` is None), or None without a mask."""
+        if self._mask is None:
+            return None
+        return self._mask.keep(name, self._fisher_delta(name, rows)[1].abs(), self._local_row(name, rows))
+
+    def _local_row(self, name: str, rows: slice | None) -> int:
+        """The first row of ``rows`` in the numbering of this rank's shard."""
+        own = local_rows(self._fisher[name])
+        return 0 if rows is None else rows.start - (own.start if own is not None else 0)
+
     def chunk(self, name: str, rows: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(w, F_M)`` of ``param[rows]`` in fp32 (``None`` where a term does not cover this parameter)."""
+        """``(w, F_M)`` of ``param[rows]`` in fp32 (``None`` where a term does not cover this parameter), times
+        ``(eta, eta**2)`` with ``rates``."""
         if self._fisher is None:
             pick = (lambda t: local_view(t)) if rows is None else (lambda t: local_view(t, rows))
             w, fm = self._direction.get(name), self._curvature.get(name)
-            return (pick(w).float() if w is not None else None), (pick(fm).float() if fm is not None else None)
+            return self._rated(name, pick(w).float() if w is not None else None,
+                               pick(fm).float() if fm is not None else None)
         f, fd = self._fisher_delta(name, rows)
-        if self.threshold is None:
-            return fd, f
-        mask = fd.abs() >= self.threshold
-        return fd * mask, f * mask
+        if self._mask is not None:
+            keep = self._mask.keep(name, fd.abs(), self._local_row(name, rows))
+            f, fd = f * keep, fd * keep
+        return self._rated(name, fd, f)
+
+    def _rated(self, name: str, w: torch.Tensor | None, fm: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.rates is None:
+            return w, fm
+        eta = self.rates[name]
+        return (w * eta if w is not None else None), (fm * eta**2 if fm is not None else None)
+
+
+def checked_rates(rates: dict[str, float] | None, names: set[str]) -> dict[str, float] | None:
+    """``rates`` if it gives a finite, non-negative rate for every name in ``names``; a ValueError naming the gap."""
+    if rates is None:
+        return None
+    missing = sorted(names - set(rates))
+    if missing:
+        raise ValueError(f"`rates` has no learning rate for {len(missing)} scored parameters (first: {missing[0]}).")
+    bad = sorted(n for n in names if not (math.isfinite(rates[n]) and rates[n] >= 0))
+    if bad:
+        raise ValueError(f"`rates` gives {bad[0]} the learning rate {rates[bad[0]]!r}: it must be finite and >= 0.")
+    return {n: float(rates[n]) for n in names}

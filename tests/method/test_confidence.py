@@ -239,3 +239,107 @@ def test_score_self_data_is_exact_on_every_family(tokenizer, family, mode):
     n = torch.stack([sum((curvature[k].double() * g[k] ** 2).sum() for k in curvature) for g in grads])
     expected = lr * a + (0.5 * lr**2 * n if mode == "deviation" else 0.0)
     _assert_close_scaled(scores, expected, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- a learning rate per optimizer param group
+
+
+def _groups(model):
+    """Three param groups as a Trainer setup may make them: the output (and tied input) embedding at 10x, the norms
+    and biases at 0.5x (a no-decay group), the rest at the base rate; returns the optimizer and its rates."""
+    params = trainable_parameters(model)
+    head = [p for n, p in params.items() if "lm_head" in n or "wte" in n]
+    small = [p for n, p in params.items() if p.dim() == 1]
+    rest = [p for p in params.values() if all(p is not q for q in head + small)]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": 0.04}, {"params": head, "lr": 0.4},
+                                   {"params": small, "lr": 0.02, "weight_decay": 0.0}])
+    return optimizer, [group["lr"] for group in optimizer.param_groups]
+
+
+def _per_group_reference(grads, fisher, delta, mask, rates, mode):
+    """c(x) of the quadratic model with the step u = -eta_p g_x on each parameter p, in float64, from plain per-sample
+    gradients: 1/2 (u - D)^T F_M (u - D) - 1/2 D^T F_M D (alignment: its linear term, -u^T F_M D)."""
+    out = []
+    for g in grads:
+        value = torch.zeros((), dtype=torch.float64)
+        for n in fisher:
+            fm = fisher[n].double() * (mask[n].double() if mask is not None else 1.0)
+            d, u = delta[n].double(), -rates[n] * g[n]
+            if mode == "deviation":
+                value = value + 0.5 * (fm * (u - d) ** 2).sum() - 0.5 * (fm * d**2).sum()
+            else:
+                value = value - (u * fm * d).sum()
+        out.append(value)
+    return torch.stack(out)
+
+
+def test_parameter_rates_follow_the_param_groups(llama):
+    from hf_lwf.method.confidence import parameter_rates
+
+    params = trainable_parameters(llama)
+    optimizer, rates = _groups(llama)
+    got = parameter_rates(optimizer, params, rates)
+    assert got["lm_head.weight"] == 0.4 and got["model.norm.weight"] == 0.02
+    assert got["model.layers.0.self_attn.q_proj.weight"] == 0.04 and set(got) == set(params)
+    assert parameter_rates(optimizer.param_groups, params, [1.0, 2.0, 3.0])["lm_head.weight"] == 2.0
+    with pytest.raises(ValueError, match="3 param groups"):
+        parameter_rates(optimizer, params, [0.1])
+    lonely = torch.optim.SGD([p for n, p in params.items() if n != "model.embed_tokens.weight"], lr=0.1)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight is in no param group"):
+        parameter_rates(lonely, params, [0.1])
+
+
+@pytest.mark.parametrize("mode", ["deviation", "alignment"])
+def test_scores_use_each_param_groups_rate(model, tokenizer, mode):
+    """sum_g eta_g a_g(x) + eta_g**2 / 2 n_g(x) with three groups at different rates, from theta_ref and the live
+    weights (the periodic schedule) and from a given D (the early one), hooks and forward-mode JVP, against one
+    plain backward per unpadded sample in float64."""
+    from hf_lwf.method.confidence import alignment_scores_from_terms, parameter_rates
+    from hf_lwf.method.fisher import ScoringTerms
+
+    rows = _rows(tokenizer)
+    params = trainable_parameters(model)
+    optimizer, group_rates = _groups(model)
+    rates = parameter_rates(optimizer, params, group_rates)
+    assert len(set(rates.values())) == 3
+    fisher, delta = _fisher_and_delta(model, seed=4)
+    reference = {n: p.detach() - delta[n] for n, p in params.items()}
+    live_delta = {n: p.detach() - reference[n] for n, p in params.items()}  # D as fp32 forms it from theta_ref
+    grads = _per_sample_grads(model, collate_self_data(rows, tokenizer.pad_token_id))
+    for ratio in (1.0, 0.4):
+        periodic = ScoringTerms.from_state(fisher, model=model, reference=reference, mask_ratio=ratio, rates=rates)
+        early = ScoringTerms.from_state(fisher, delta=delta, mask_ratio=ratio, rates=rates)
+        for terms, d in ((periodic, live_delta), (early, delta)):
+            expected = _per_group_reference(grads, fisher, d, update_mask(fisher, d, ratio), rates, mode)
+            scores = score_self_data(model, rows, tokenizer.pad_token_id, terms, None, 1.0, mode, batch_size=3,
+                                     show_progress=False)
+            _assert_close_scaled(scores, expected, rtol=1e-4)
+            if mode == "alignment":
+                jvp = score_self_data(model, rows, tokenizer.pad_token_id, terms, None, 1.0, mode, batch_size=3,
+                                      show_progress=False, alignment="jvp")
+                _assert_close_scaled(jvp, expected, rtol=1e-4)
+                batch = collate_self_data(rows, tokenizer.pad_token_id)
+                _assert_close_scaled(alignment_scores_from_terms(model, batch, terms), expected, rtol=1e-4)
+    # group 0's rate for every parameter (what scoring did before) is far from it
+    single = ScoringTerms.from_state(fisher, delta=delta)
+    wrong = score_self_data(model, rows, tokenizer.pad_token_id, single, None, group_rates[0], mode, show_progress=False)
+    expected = _per_group_reference(grads, fisher, delta, None, rates, mode)
+    assert float((wrong.double() - expected).abs().max()) > 0.1 * float(expected.abs().max())
+
+
+def test_explicit_terms_take_rates_and_a_rate_is_never_applied_twice(llama, tokenizer):
+    from hf_lwf.method.fisher import ScoringTerms
+
+    rows = _rows(tokenizer)
+    fisher, delta = _fisher_and_delta(llama, seed=6)
+    direction, curvature = weighted_direction(fisher, delta, None), masked_fisher(fisher, None)
+    one_rate = score_self_data(llama, rows, 0, direction, curvature, 0.3, "deviation", show_progress=False)
+    terms = ScoringTerms.explicit(direction, curvature, rates={n: 0.3 for n in fisher})
+    rated = score_self_data(llama, rows, 0, terms, None, 1.0, "deviation", show_progress=False)
+    torch.testing.assert_close(rated, one_rate, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="pass lr=1"):
+        score_self_data(llama, rows, 0, terms, None, 0.3, "deviation", show_progress=False)
+    with pytest.raises(ValueError, match="no learning rate for 1 scored parameters .first: lm_head.weight"):
+        ScoringTerms.from_state(fisher, delta=delta, rates={n: 0.1 for n in fisher if n != "lm_head.weight"})
+    with pytest.raises(ValueError, match="lm_head.weight the learning rate nan"):
+        ScoringTerms.explicit(direction, curvature, rates={n: float("nan") if "lm_head" in n else 0.1 for n in fisher})

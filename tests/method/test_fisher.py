@@ -283,3 +283,198 @@ def test_empirical_fisher_is_exact_on_every_family(tokenizer, family):
     # The exact-path parameters (adapters, experts, OPT's flattened layers) do carry gradient.
     assert any(float(sq[n].max()) / len(examples) > 1e-3 * largest for n in params if any(
         k in n for k in ("lora_embedding", "ia3_l", "hada_", "experts", "fc1", "embed_tokens", "layers.0.mlp")))
+
+
+# ---------------------------------------------------------------- the mask keeps exactly k entries under ties
+
+
+def _exact_top_k(fisher, live, reference, scale, keep):
+    """The independent reference: |F * D| in float64, one full sort by (value descending, name, flat index)."""
+    entries = []
+    for name in sorted(fisher):
+        values = (fisher[name].double() * scale * (live[name].double() - reference[name].double())).abs()
+        entries += [(-v, name, i) for i, v in enumerate(values.reshape(-1).tolist())]
+    entries.sort()
+    return {(n, i) for _, n, i in entries[:keep]}, -entries[keep - 1][0], [-e[0] for e in entries]
+
+
+def _kept(terms, names, rows=None):
+    return {(n, i) for n in names for i in terms.mask(n, rows).reshape(-1).nonzero().flatten().tolist()}
+
+
+def test_the_mask_does_not_keep_every_bf16_weight_that_did_not_move(tokenizer):
+    """bf16 weights after one small AdamW step: most steps round away (D == 0 exactly). With fewer than rho * N
+    entries moved, the threshold of |F * D| is 0 and a mask that keeps every tie keeps everything."""
+    from conftest import tiny_llama
+
+    from hf_lwf.method.fisher import ScoringTerms
+
+    model = tiny_llama(len(tokenizer), seed=0).to(torch.bfloat16)
+    reference = snapshot(model)
+    ids = torch.randint(5, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=2e-5).step()
+    g = torch.Generator().manual_seed(1)
+    fisher = {n: torch.rand(p.shape, generator=g) + 0.5 for n, p in reference.items()}  # F > 0 everywhere
+    total = sum(f.numel() for f in fisher.values())
+    moved = sum(int((p.detach() != reference[n]).sum()) for n, p in model.named_parameters())
+    keep = round(0.5 * total)
+    assert 0 < moved < keep  # the bf16 case: fewer than rho * N entries have F * D != 0
+    terms = ScoringTerms.from_state(fisher, model=model, reference=reference, mask_ratio=0.5)
+    assert terms.threshold == 0.0
+    assert sum(int((terms.chunk(n)[1] != 0).sum()) for n in fisher) == keep  # not all `total` of them
+
+
+@pytest.mark.parametrize("ratio", [0.03, 0.1, 0.2, 0.3, 0.5, 0.8])
+def test_the_mask_is_the_exact_top_k_of_a_stable_sort(ratio):
+    from conftest import tied_bf16_state
+
+    from hf_lwf.method.fisher import ScoringTerms
+
+    model, reference, fisher = tied_bf16_state()
+    live = {n: p.detach() for n, p in model.named_parameters()}
+    scale = 4.0
+    total = sum(f.numel() for f in fisher.values())
+    keep = max(1, round(ratio * total))
+    expected, kth, values = _exact_top_k(fisher, live, reference, scale, keep)
+    # the cut falls inside a run of exactly equal values: the tie-break decides which of them are kept
+    assert sum(v > kth for v in values) < keep < sum(v >= kth for v in values)
+    assert sum(v == 0 for v in values) > total / 2  # most of |F * D| is exactly 0
+
+    terms = ScoringTerms.from_state(fisher, model=model, reference=reference, scale=scale, mask_ratio=ratio)
+    assert terms.threshold == kth  # the radix select's k-th largest
+    assert _kept(terms, fisher) == expected and len(expected) == keep
+    # the explicit whole-model mask follows the same rule
+    mask = update_mask({n: f * scale for n, f in fisher.items()},
+                       {n: live[n].float() - reference[n].float() for n in fisher}, ratio)
+    assert {(n, i) for n, m in mask.items() for i in m.reshape(-1).nonzero().flatten().tolist()} == expected
+    for name in fisher:  # w and F_M of every entry, against float64
+        w, fm = terms.chunk(name)
+        m = torch.tensor([(name, i) in expected for i in range(fisher[name].numel())]).view(fisher[name].shape)
+        f64 = fisher[name].double() * scale
+        assert torch.equal(fm.double(), f64 * m)
+        assert torch.equal(w.double(), f64 * (live[name].double() - reference[name].double()) * m)
+
+
+def test_the_mask_of_any_block_of_rows_is_that_block_of_the_whole_mask():
+    """Scoring asks for arbitrary row blocks (``lwf_score_chunk_size``): each gets its rows of the one mask."""
+    from conftest import tied_bf16_state
+
+    from hf_lwf.method.fisher import ScoringTerms
+
+    model, reference, fisher = tied_bf16_state(seed=3)
+    for ratio in (0.07, 0.25, 0.6):
+        terms = ScoringTerms.from_state(fisher, model=model, reference=reference, mask_ratio=ratio)
+        for name, f in fisher.items():
+            whole_w, whole_fm = terms.chunk(name)
+            bounds = [0]
+            while bounds[-1] < f.shape[0]:
+                bounds.append(min(f.shape[0], bounds[-1] + 1 + len(bounds) % 3))  # blocks of 2, 3, 1, 2, ... rows
+            blocks = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+            assert torch.equal(torch.cat([terms.mask(name, r) for r in blocks]), terms.mask(name))
+            assert torch.equal(torch.cat([terms.chunk(name, r)[0] for r in blocks]), whole_w)
+            assert torch.equal(torch.cat([terms.chunk(name, r)[1] for r in blocks]), whole_fm)
+
+
+def test_the_early_schedule_mask_keeps_k_entries_too():
+    from hf_lwf.method.fisher import ScoringTerms
+
+    fisher = {"b": torch.tensor([1.0, 2.0, 0.0, 1.0]), "a": torch.tensor([[0.5, 0.5], [0.5, 0.5]])}
+    delta = {"b": torch.tensor([1.0, 0.5, 3.0, 0.0]), "a": torch.tensor([[2.0, 0.0], [-2.0, 0.0]])}
+    # |F * D|: a = [1, 0, 1, 0], b = [1, 1, 0, 0]; 4 ones, 4 zeros; order: a before b, then flat index
+    terms = ScoringTerms.from_state(fisher, delta=delta, mask_ratio=0.375)  # k = 3 of the four ones
+    assert terms.mask("a").tolist() == [[True, False], [True, False]] and terms.mask("b").tolist() == [
+        True, False, False, False]
+    terms = ScoringTerms.from_state(fisher, delta=delta, mask_ratio=0.75)  # k = 6: all ones, the first two zeros
+    assert terms.mask("a").tolist() == [[True, True], [True, True]] and terms.mask("b").tolist() == [
+        True, True, False, False]
+    assert ScoringTerms.from_state(fisher, delta=delta).mask("a") is None
+
+
+def test_the_mask_keeps_the_same_entries_on_every_layout(tmp_path):
+    """Two gloo ranks: FSDP2 row shards and ZeRO-3 flat slices (faked, without DeepSpeed) keep the entries of the
+    float64 reference, each rank its own part, and any block of a shard's rows gets its rows of the mask."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tied_bf16_state
+
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "mask_layouts.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+               str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model, reference, fisher = tied_bf16_state(seed=5)
+    live = {n: p.detach() for n, p in model.named_parameters()}
+    total = sum(f.numel() for f in fisher.values())
+    for ratio, results in ranks[0]["ratios"].items():
+        keep = max(1, round(float(ratio) * total))
+        expected, kth, _ = _exact_top_k(fisher, live, reference, 2.0, keep)
+        for layout in ("fsdp", "zero3"):
+            parts = [{tuple(e) for e in r["ratios"][ratio][layout]["kept"]} for r in ranks]
+            assert not parts[0] & parts[1] and parts[0] | parts[1] == expected, (layout, ratio)
+            assert all(r["ratios"][ratio][layout]["threshold"] == kth for r in ranks)
+            assert all(r["ratios"][ratio][layout]["rated"] for r in ranks)
+        assert all(r["ratios"][ratio]["fsdp"]["blocks_agree"] for r in ranks)
+    # each rank holds a real part: both keep entries at the largest ratio
+    assert all(r["ratios"]["0.6"][layout]["kept"] for r in ranks for layout in ("fsdp", "zero3"))
+
+
+# ---------------------------------------------------------------- bf16 F: rounding bits from the parameter's name
+
+
+def _bf16_updates(names, steps=4, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"lm_head.weight": (7, 5), "model.embed_tokens.weight": (9, 3), "model.norm.weight": (6,)}
+    return [{n: torch.randn(shapes[n], generator=g) for n in names} for _ in range(steps)]
+
+
+def test_bf16_fisher_does_not_depend_on_the_order_of_its_entries():
+    """F rebuilt from a checkpoint lists its entries in another order (safetensors sorts them): same bits."""
+    names = ["model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"]  # not sorted
+    updates = _bf16_updates(names)
+    forward = {n: torch.zeros(u.shape, dtype=torch.bfloat16) for n, u in updates[0].items()}
+    backward = {n: forward[n].clone() for n in reversed(names)}
+    one_by_one = {n: forward[n].clone() for n in sorted(names)}
+    for step, grads in enumerate(updates):
+        online_fisher_update_(forward, grads, 0.9, seed=100 + step)
+        online_fisher_update_(backward, dict(reversed(list(grads.items()))), 0.9, seed=100 + step)
+        for name in one_by_one:  # ZeRO-2 folds in one fetched gradient at a time
+            online_fisher_update_({name: one_by_one[name]}, {name: grads[name]}, 0.9, seed=100 + step)
+    for name in names:
+        assert forward[name].dtype == torch.bfloat16
+        assert torch.equal(forward[name].view(torch.int16), backward[name].view(torch.int16)), name
+        assert torch.equal(forward[name].view(torch.int16), one_by_one[name].view(torch.int16)), name
+
+
+def test_bf16_rounding_is_drawn_from_the_step_seed_and_the_parameter_name():
+    """Each entry re-derived: fp32 update, 16 random bits from a generator seeded with BLAKE2b(seed, name), added to
+    the low half of the fp32 pattern and truncated (here in int64 arithmetic)."""
+    import hashlib
+
+    names = ["model.norm.weight", "lm_head.weight"]
+    fisher = {n: torch.zeros(u.shape, dtype=torch.bfloat16) for n, u in _bf16_updates(names, 1)[0].items()}
+    expected = {n: f.clone() for n, f in fisher.items()}
+    for step, grads in enumerate(_bf16_updates(names, 3, seed=5)):
+        seed = 7 + step
+        online_fisher_update_(fisher, grads, 0.8, seed=seed)
+        for name, g in grads.items():
+            exact = expected[name].float() * 0.8 + 0.2 * g.float() ** 2
+            digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            noise = torch.randint(0, 1 << 16, exact.shape, dtype=torch.int32, generator=generator).long()
+            bits = exact.view(torch.int32).long()  # non-negative floats: a non-negative pattern
+            rounded = (((bits + noise) >> 16) << 16).to(torch.int32).view(torch.float32)
+            expected[name] = rounded.to(torch.bfloat16)
+        for name in names:
+            assert torch.equal(fisher[name].view(torch.int16), expected[name].view(torch.int16)), (step, name)
+    # another step seed draws other bits
+    other = {n: f.clone() for n, f in fisher.items()}
+    grads = _bf16_updates(names, 1, seed=9)[0]
+    online_fisher_update_(fisher, grads, 0.8, seed=1)
+    online_fisher_update_(other, grads, 0.8, seed=2)
+    assert not torch.equal(fisher["lm_head.weight"], other["lm_head.weight"])
