@@ -109,7 +109,7 @@ class LWFRun:
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._saved_step, self._fisher_step, self._clip_coefficient = {}, None, None, None
         self._step_rates, self.record, self.previewed = None, None, False
-        self._loss_scale = _loss_scale(optimizer)
+        self._loss_scale = loss_scale_of(optimizer)
         if config.lwf_unlearn_optimizer == "preconditioned" and optimizer is not None:
             check_preconditioner(self.backend.learning_optimizer(optimizer))  # refused before training, not at a point
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
@@ -257,7 +257,7 @@ class LWFRun:
         self._step_rates = [group["lr"] for group in raw.param_groups] if raw is not None else None
 
     def _scaler_skipped(self, optimizer) -> bool:
-        scale = _loss_scale(optimizer)
+        scale = loss_scale_of(optimizer)
         previous, self._loss_scale = self._loss_scale, scale
         return previous is not None and scale < previous
 
@@ -310,11 +310,11 @@ class LWFRun:
                 examples = self._examples(learning_examples, config.lwf_seed + point)
                 fisher, scale = self.backend.empirical_fisher(
                     model, examples, batch_size=config.lwf_fisher_batch_size,
-                    chunk_elements=config.lwf_score_chunk_size, loss_scale=_loss_scale(optimizer)), 1.0
+                    chunk_elements=config.lwf_score_chunk_size, loss_scale=loss_scale_of(optimizer)), 1.0
             lr, rates = self._scoring_rates(model, optimizer, self._step_rates)
             terms = self.backend.scoring_terms(fisher, model=model, reference=lwf.reference, scale=scale,
                                                mask_ratio=config.lwf_mask_ratio, rates=rates)
-            scores = self.score(model, terms, lr, loss_scale=_loss_scale(optimizer), show_progress=show_progress)
+            scores = self.score(model, terms, lr, loss_scale=loss_scale_of(optimizer), show_progress=show_progress)
             self.select(scores, config.lwf_seed + point)
             self._metrics["lwf/num_selected"] = float(len(lwf.forget_indices))
         if self.preview:
@@ -333,13 +333,13 @@ class LWFRun:
         examples = self._examples(learning_examples, config.lwf_seed)
         curvature, delta = fisher_lib.empirical_fisher(model, examples, batch_size=config.lwf_fisher_batch_size,
                                                        chunk_elements=config.lwf_score_chunk_size,
-                                                       loss_scale=_loss_scale(optimizer))
+                                                       loss_scale=loss_scale_of(optimizer))
         lr, rates = self._scoring_rates(model, optimizer, self.ascent_rates(optimizer))  # the configured peaks
         for name, g in delta.items():
             g.mul_(-(rates[name] if rates else lr))  # D = -eta_g * mean learning gradient, in place
         terms = fisher_lib.ScoringTerms.from_state(curvature, delta=delta, mask_ratio=config.lwf_mask_ratio,
                                                    rates=rates)
-        scores = self.score(model, terms, lr, loss_scale=_loss_scale(optimizer))
+        scores = self.score(model, terms, lr, loss_scale=loss_scale_of(optimizer))
         self.select(scores, config.lwf_seed)
         self._metrics["lwf/num_selected"] = float(len(self.state.forget_indices))
         del curvature, delta, terms
@@ -448,7 +448,7 @@ class LWFRun:
         ascent = self.backend.ascent(
             config.lwf_unlearn_optimizer, optimizer=optimizer, params=fisher_lib.trainable_parameters(model),
             rates=self.ascent_rates(optimizer), coef=config.lwf_unlearn_coef, sgd_lr=config.lwf_unlearn_lr,
-            loss_scale=_loss_scale(optimizer),
+            loss_scale=loss_scale_of(optimizer),
         )
         device = input_device(model)
         losses, dropped, applied = [], 0, 0
@@ -607,9 +607,9 @@ def quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _loss_scale(optimizer) -> float | None:
-    """The fp16 loss scale of the learning step (accelerate's GradScaler), or 1 under bf16/fp32 (None: no
-    optimizer)."""
+def loss_scale_of(optimizer) -> float:
+    """The fp16 loss scale of the learning step (accelerate's GradScaler), or 1 under bf16/fp32 and without an
+    optimizer."""
     if optimizer is None:
         return 1.0
     scaler = getattr(optimizer, "scaler", None)

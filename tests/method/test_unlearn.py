@@ -352,11 +352,11 @@ def test_fp16_ascent_needs_the_loss_scale_to_move_small_gradients(tokenizer):
 def test_loss_scale_is_read_from_the_learning_optimizer():
     from types import SimpleNamespace
 
-    from hf_lwf.callback import _loss_scale
+    from hf_lwf.run import loss_scale_of
 
-    assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))) == 1024.0
-    assert _loss_scale(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))) == 1.0
-    assert _loss_scale(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == 1.0
+    assert loss_scale_of(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))) == 1024.0
+    assert loss_scale_of(SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))) == 1.0
+    assert loss_scale_of(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == 1.0
 
 
 # ---------------------------------------------------------------- preconditioned ascent
