@@ -162,17 +162,22 @@ def bench_step(model, w: dict, state_device: str | None = None) -> dict:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-7, fused=torch.cuda.is_available())
     fisher: dict = {}
+    factor = [1.0]  # the run's fp32 F is held with a factor: one pass per step
 
-    def step(update: bool):
+    def update():
+        factor[0] = online_fisher_update_(fisher, {n: p.grad for n, p in params.items()}, 0.95, device=state_device,
+                                          factor=factor[0])
+
+    def step(with_update: bool):
         optimizer.zero_grad(set_to_none=True)
         batch_losses(model, batch).mean().backward()
-        if update:
-            online_fisher_update_(fisher, {n: p.grad for n, p in params.items()}, 0.95, device=state_device)
+        if with_update:
+            update()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
 
     def update_only():
-        online_fisher_update_(fisher, {n: p.grad for n, p in params.items()}, 0.95, device=state_device)
+        update()
 
     t = interleaved({"vanilla_step": lambda: step(False), "lwf_step": lambda: step(True),
                      "fisher_update": update_only}, w["repeats"])

@@ -220,15 +220,19 @@ class LWFRun:
         if not lwf.fisher:
             lwf.fisher = fisher_lib.zeros_like_parameters(self.backend.fisher_layout(params, grads), dtype=dtype,
                                                           device=self._state_device)
+        factor = lwf.fisher_factor if dtype == torch.float32 else None  # fp32 F: stored as F / factor
         options = dict(decay=self.config.lwf_fisher_decay, dtype=dtype, device=self._state_device,
-                       grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates)
+                       grad_scale=grad_scale, seed=self.config.lwf_seed + lwf.fisher_updates, factor=factor)
         if fetch is None:
-            fisher_lib.online_fisher_update_(lwf.fisher, grads, **options)
+            factor = fisher_lib.online_fisher_update_(lwf.fisher, grads, **options)
         else:  # F's entries exist already: each decays exactly once, with its own gradient
             for name in lwf.fisher:
                 grad = fetch(name, params[name])
-                fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, **options)
+                new = fisher_lib.online_fisher_update_({name: lwf.fisher[name]}, {name: grad}, **options)
                 del grad
+            factor = new if lwf.fisher else factor
+        if factor is not None:
+            lwf.fisher_factor = factor
         lwf.fisher_updates += 1
 
     def skip_fisher_step(self, step: int) -> None:
@@ -305,7 +309,8 @@ class LWFRun:
             # w, M * F, D and the bias correction are formed per parameter block inside scoring (ScoringTerms).
             if config.lwf_fisher == "online":
                 fisher_lib.check_finite(lwf.fisher)
-                fisher, scale = lwf.fisher, fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay)
+                scale = fisher_lib.bias_correction(lwf.fisher_updates, config.lwf_fisher_decay) * lwf.fisher_factor
+                fisher = lwf.fisher
             else:
                 examples = self._examples(learning_examples, config.lwf_seed + point)
                 fisher, scale = self.backend.empirical_fisher(

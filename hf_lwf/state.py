@@ -37,6 +37,7 @@ class LWFState:
     self_data_path: str | None = None
     self_data_sizes: dict[str, int] = field(default_factory=dict)
     fisher_updates: int = 0
+    fisher_factor: float = 1.0  # the online Fisher is fisher_factor * the stored ``fisher`` tensors (fp32 F)
     unlearn_points: int = 0
     unlearn_steps: int = 0
     skipped_steps: int = 0

@@ -478,3 +478,27 @@ def test_bf16_rounding_is_drawn_from_the_step_seed_and_the_parameter_name():
     online_fisher_update_(fisher, grads, 0.8, seed=1)
     online_fisher_update_(other, grads, 0.8, seed=2)
     assert not torch.equal(fisher["lm_head.weight"], other["lm_head.weight"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, "tensor"])
+def test_the_online_fisher_held_with_a_factor_is_the_running_mean_across_renormalisations(scale):
+    """fp32 F held as G = F / factor (one pass per step): factor * G equals the float64 running mean over 60 steps of
+    decay 0.5, which fold the factor into G twice (below 2**-20), with a gradient missing at some steps."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (5, 3), "b": (7,)}
+    grad_scale = torch.tensor(3.0) if scale == "tensor" else scale
+    divide = 3.0 if scale == "tensor" else scale
+    fisher, factor, folds = {}, 1.0, 0
+    reference = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
+    for step in range(60):
+        grads = {n: torch.randn(s, generator=gen) * 10.0 ** (step % 5 - 2) for n, s in shapes.items()}
+        if step % 7 == 3:
+            grads["b"] = None
+        factor = online_fisher_update_(fisher, grads, 0.5, grad_scale=grad_scale, factor=factor)
+        folds += factor == 1.0
+        for n in shapes:
+            g = grads[n].double() / divide if grads[n] is not None else torch.zeros_like(reference[n])
+            reference[n] = 0.5 * reference[n] + 0.5 * g.square()
+        for n in shapes:
+            torch.testing.assert_close(fisher[n].double() * factor, reference[n], rtol=1e-6, atol=0.0)
+    assert folds == 2
