@@ -266,3 +266,30 @@ def test_markdown_table_lists_every_field():
     assert table.count("\n") == len(lwf_fields()) + 1
     for f in lwf_fields():
         assert f"`{f.name}`" in table
+
+
+def test_every_field_declares_what_a_changed_value_does_on_resume():
+    from hf_lwf.config import ON_RESUME, RUNTIME_FIELDS, SCORING_FIELDS, SELECTION_FIELDS, fields_where
+
+    for f in lwf_fields():
+        assert f.metadata.get("on_resume") in ON_RESUME, f.name
+    # the name lists are derived from the metadata, and together they cover every field exactly once
+    groups = [fields_where("on_resume", kind) for kind in ON_RESUME]
+    assert sorted(n for g in groups for n in g) == sorted(f.name for f in lwf_fields())
+    assert GENERATION_FIELDS == fields_where("on_resume", "regenerate")
+    assert {"lwf_confidence", "lwf_mask_ratio"} <= set(SCORING_FIELDS)
+    assert {"lwf_forget_ratio", "lwf_selection"} <= set(SELECTION_FIELDS)
+    assert "lwf_score_batch_size" in RUNTIME_FIELDS
+
+
+def test_hf_argument_parser_sees_only_argparse_keywords_in_the_metadata():
+    """``on_resume`` and ``min`` are read with ``metadata.get``; HfArgumentParser's ``dict(metadata)`` omits them."""
+    from transformers import HfArgumentParser
+
+    from hf_lwf import LWFConfig
+
+    for f in lwf_fields():
+        assert "on_resume" not in dict(f.metadata) and "help" in dict(f.metadata)
+    parser = HfArgumentParser(LWFConfig)
+    (config,) = parser.parse_args_into_dataclasses(["--lwf_unlearn_steps", "3", "--lwf_selection", "random"])
+    assert config.lwf_unlearn_steps == 3 and config.lwf_selection == "random"
