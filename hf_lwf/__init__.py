@@ -1,6 +1,7 @@
 """hf_lwf: Learning With Forgetting ("Graceful Forgetting in Generative Language Models") for the HF Trainer."""
 
 from .callback import LWFCallback, LWFUnlearningError
+from .checkpoint import last_complete_checkpoint
 from .config import LWFConfig, LWFTrainingArguments
 from .state import LWFState
 from .trainer import LWFTrainer, LWFTrainerMixin
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LWFCallback", "LWFConfig", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments", "LWFUnlearningError",
-    "__version__",
+    "last_complete_checkpoint", "__version__",
 ]

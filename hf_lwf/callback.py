@@ -22,6 +22,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from . import checkpoint as checkpoints
 from . import deepspeed_support
 from .config import (
     FIXED_ON_RESUME_FIELDS,
@@ -225,6 +226,7 @@ class LWFCallback(TrainerCallback):
                     group[name] = deepspeed_support.rows_to_partition(group[name], params[name])
         else:
             saved = LWFState.load(directory, rows={n: local_rows(p) for n, p in params.items()})  # FSDP: own rows
+        checkpoints.check_weights(directory, saved, model, zero3=self.deepspeed_stage == 3)  # parts belong together
         reselect, rescore = self._changed_config(saved, current, directory)
         self.lwf_state = saved
         if saved.generation_hash == current.generation_hash and saved.self_data_path:
@@ -654,12 +656,16 @@ class LWFCallback(TrainerCallback):
         elif self.lwf_state.is_sharded():
             tensors = self.lwf_state.tensors_for_saving(keep=args.should_save)
             self._saved_step = step
-        if not args.should_save or not (create or os.path.isdir(directory)):
+        digest = None  # of the weights saved with this state; collective when the model is partitioned
+        writes = args.should_save and (create or os.path.isdir(directory))
+        if model is not None and (writes or self.state_is_partitioned()):
+            digest = checkpoints.weights_sha256(model, zero3=self.deepspeed_stage == 3, keep=args.should_save)
+        if not writes:
             return
         if self.self_data is not None:  # a copy per checkpoint: the folder alone is enough to resume (multi-node)
             with _quiet_datasets():
                 self.self_data.save_to_disk(os.path.join(directory, SELF_DATA_DIR))
-        self.lwf_state.save(directory, tensors)
+        self.lwf_state.save(directory, tensors, weights_sha256=digest or "")
         write_config(directory, self.config.lwf_dict(), self.lwf_state.run_summary())
         self._saved_step = step
 
@@ -680,13 +686,16 @@ class LWFCallback(TrainerCallback):
             f"lwf_forget_loss_cap.\n{'!' * 100}"
         )
 
-    def on_save(self, args, state, control, **kwargs):
-        self.save_state(args, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.save_state(args, folder, state.global_step, model=model)
+        if not self.via_trainer:  # LWFTrainer marks its checkpoints itself, before it rotates them
+            checkpoints.mark_complete(args, folder, state.global_step)
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not self.state_is_partitioned():  # runs on rank 0 only: no gather here (save_model did it on every rank)
-            self.save_state(args, checkpoint, state.global_step)
+            self.save_state(args, checkpoint, state.global_step, model=model)
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
         if args.should_save:

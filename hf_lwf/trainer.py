@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import checkpoint as checkpoints
 from .callback import MODEL_TAGS, LWFCallback
 from .config import LWFConfig
 from .deepspeed_support import full_gradient, install_fisher_hook, local_gradients
@@ -56,11 +57,17 @@ class LWFTrainerMixin:
         self.lwf_callback.check_train_dataset(self.train_dataset)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        # Record where the Trainer will resume; `True` with no checkpoint stays `True`, so that the Trainer raises
-        # its own "no valid checkpoint" error instead of training from scratch.
-        found = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
-        self.lwf_callback.resume_dir = found or None
-        return super().train(found or resume_from_checkpoint, *args, **kwargs)
+        # `True`: the newest *complete* checkpoint (hf_lwf.checkpoint); a path: refused when incomplete. The callback
+        # is told the exact folder.
+        found = checkpoints.resolve_resume(self.args, resume_from_checkpoint)
+        self.lwf_callback.resume_dir = found
+        return super().train(found, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # complete or ignored: marked after every rank has written, rotation only over complete checkpoints
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with checkpoints.writing_checkpoint(self.args, self.state, folder):
+            super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(self.lwf_callback.pop_metrics())
@@ -119,7 +126,8 @@ class LWFTrainerMixin:
         write_config(output_dir, self.lwf_callback.config.lwf_dict(), self.lwf_callback.lwf_state.run_summary())
         _replace_pickled_args(output_dir, self.args)
         if checkpoint:
-            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step)
+            self.lwf_callback.save_state(self.args, output_dir, self.state.global_step,
+                                         model=self.accelerator.unwrap_model(self.model_wrapped))
 
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
