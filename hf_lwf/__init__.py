@@ -1,6 +1,7 @@
 """hf_lwf: Learning With Forgetting ("Graceful Forgetting in Generative Language Models") for the HF Trainer."""
 
 from .callback import LWFCallback
+from .checkpoint import last_complete_checkpoint
 from .config import LWFConfig, LWFTrainingArguments
 from .run import LWFRun, LWFUnlearningError
 from .state import LWFState
@@ -11,6 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LWFCallback", "LWFConfig", "LWFRun", "LWFState", "LWFTrainer", "LWFTrainerMixin", "LWFTrainingArguments",
-    "LWFUnlearningError",
-    "__version__",
+    "LWFUnlearningError", "last_complete_checkpoint", "__version__",
 ]

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from .backends import detect_backend
+from .checkpoint import mark_complete
 from .config import LWFConfig, config_from_args
 from .distributed import input_device
 from .modelcard import MODEL_TAGS, install_card_section, lwf_card_section
@@ -123,8 +124,10 @@ class LWFCallback(TrainerCallback):
                 state.log_history[-1].update(metrics)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self.run.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step,
-                      should_save=args.should_save)
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.run.save(folder, state.global_step, should_save=args.should_save, model=model)
+        if not self.via_trainer:  # LWFTrainer marks its checkpoints itself, before it rotates them
+            mark_complete(args, folder, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -136,7 +139,7 @@ class LWFCallback(TrainerCallback):
         run = self.run
         if not run.backend.partitioned:  # runs on rank 0 only: no gather here (save_model did it on every rank)
             run.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step,
-                     should_save=args.should_save)
+                     should_save=args.should_save, model=model)
         if model is not None and hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
         if args.should_save:

@@ -25,6 +25,7 @@ from datasets import Dataset
 from transformers.utils import logging
 
 from .backends import Backend, LocalBackend
+from .checkpoint import check_weights, weights_sha256
 from .checks import check_model, check_train_dataset, warn_if_unreachable
 from .config import GENERATION_FIELDS, LWFConfig
 from .data import load_forget_prompts
@@ -141,6 +142,7 @@ class LWFRun:
             )
             return False
         saved = self.backend.load_state(directory, fisher_lib.trainable_parameters(model))
+        check_weights(directory, saved, lambda: weights_sha256(self.backend.whole_weights(model)))  # parts belong
         change = reconcile(saved, current, self.config, directory)
         self.state = saved
         if saved.generation_hash == current.generation_hash and saved.self_data_path:
@@ -520,12 +522,16 @@ class LWFRun:
             params = fisher_lib.trainable_parameters(model) if model is not None else {}
             tensors = self.backend.tensors_for_saving(self.state, params, keep=should_save)
             self._saved_step = step
-        if not should_save or not (create or os.path.isdir(directory)):
+        writes = should_save and (create or os.path.isdir(directory))
+        digest = None  # of the weights saved with this state (collective where they are partitioned)
+        if model is not None and (writes or self.backend.partitioned):
+            digest = weights_sha256(self.backend.whole_weights(model), keep=should_save)
+        if not writes:
             return
         if self.self_data is not None:  # a copy per checkpoint: the folder alone is enough to resume (multi-node)
             with quiet_datasets():
                 self.self_data.save_to_disk(os.path.join(directory, SELF_DATA_DIR))
-        self.state.save(directory, tensors)
+        self.state.save(directory, tensors, weights_sha256=digest or "")
         write_config(directory, self.config.lwf_dict(), self.state.run_summary())
         self._saved_step = step
 

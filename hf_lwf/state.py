@@ -6,6 +6,7 @@ Nothing here uses pickle: a checkpoint from an untrusted source can at worst fai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +24,10 @@ STATE_JSON = "lwf_state.json"
 STATE_TENSORS = "lwf_state.safetensors"
 CONFIG_NAME = "lwf_config.json"
 SELF_DATA_DIR = "_lwf_self_data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds `checksums`; files of version 1 (without them) still load
+_READABLE_VERSIONS = (1, 2)
+TENSORS_CHECKSUM = STATE_TENSORS  # the key of the tensor file's sha256 in `checksums`
+WEIGHTS_CHECKSUM = "model_weights"  # the key of the sha256 of the trainable weights the state was saved with
 _TENSOR_GROUPS = ("fisher", "reference")
 
 
@@ -51,6 +55,9 @@ class LWFState:
     drawn: dict[str, int] = field(default_factory=dict)  # D_self index -> ascent batches it was drawn into
     unlearned: dict[str, int] = field(default_factory=dict)  # D_self index -> applied ascent steps it counted in
     history: list[dict[str, float]] = field(default_factory=list)
+    # sha256 of lwf_state.safetensors and of the model weights this state was saved with (see hf_lwf.checkpoint);
+    # filled in by save(), checked by load() and on resume; empty for a state read from a format-1 file
+    checksums: dict[str, str] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -113,22 +120,27 @@ class LWFState:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TENSOR_GROUPS}
         return {"format_version": FORMAT_VERSION, **data}
 
-    def save(self, directory: str, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def save(self, directory: str, tensors: dict[str, torch.Tensor] | None = None, weights_sha256: str = "") -> None:
         """Write ``lwf_state.safetensors`` and ``lwf_state.json`` into ``directory``, each atomically.
 
         ``tensors``: what :meth:`tensors_for_saving` returned (needed when the state is sharded: the gather is
-        collective, the write is not)."""
+        collective, the write is not). The JSON records the sha256 of the tensor file and ``weights_sha256`` (of
+        the model weights saved with it, :func:`hf_lwf.checkpoint.weights_sha256`), so that a resume can refuse
+        parts that do not belong together."""
         os.makedirs(directory, exist_ok=True)
         if tensors is None:
             if self.is_sharded():
                 raise ValueError("A sharded LWF state is saved with save(directory, tensors=state.tensors_for_saving()).")
             tensors = self.tensors_for_saving()
-        _atomic_write(directory, STATE_TENSORS, lambda path: save_file(tensors, path, metadata={"format": "hf_lwf"}))
+        written = _atomic_write(directory, STATE_TENSORS,
+                                lambda path: save_file(tensors, path, metadata={"format": "hf_lwf"}))
+        self.checksums = {TENSORS_CHECKSUM: file_sha256(written), WEIGHTS_CHECKSUM: weights_sha256}
         atomic_write_text(directory, STATE_JSON, json.dumps(self.scalars(), indent=2, sort_keys=True, allow_nan=False))
 
     @classmethod
     def load(cls, directory: str, device: torch.device | str = "cpu", rows: dict[str, slice] | None = None) -> LWFState:
-        """Read the state saved in ``directory``; anything malformed or foreign raises a ``ValueError``.
+        """Read the state saved in ``directory``; anything malformed or foreign raises a ``ValueError``, and so does a
+        tensor file other than the one ``lwf_state.json`` was saved with (format 2).
 
         ``rows``: for the named parameters, read only these rows (dim 0) of their tensors: an FSDP rank reads its
         own shard, never the whole tensor."""
@@ -137,6 +149,12 @@ class LWFState:
             missing = STATE_JSON if not os.path.isfile(os.path.join(directory, STATE_JSON)) else STATE_TENSORS
             raise FileNotFoundError(f"No LWF state file {os.path.join(directory, missing)}.")
         state = cls.read_scalars(directory)
+        recorded = state.checksums.get(TENSORS_CHECKSUM)
+        if recorded and file_sha256(tensor_path) != recorded:
+            raise ValueError(
+                f"{tensor_path} is not the tensor file {os.path.join(directory, STATE_JSON)} was saved with (its sha256 "
+                "differs from the one recorded there): the two files of this LWF state do not belong together."
+            )
         try:
             with safe_open(tensor_path, framework="pt", device=str(device)) as handle:
                 if (handle.metadata() or {}).get("format") != "hf_lwf":
@@ -166,8 +184,13 @@ class LWFState:
                 data = json.load(handle)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{json_path} is not a valid hf_lwf state file: {err}") from None
-        if not isinstance(data, dict) or data.pop("format_version", None) != FORMAT_VERSION:
-            raise ValueError(f"{json_path} is not an hf_lwf state file of format version {FORMAT_VERSION}.")
+        version = data.pop("format_version", None) if isinstance(data, dict) else None
+        if version not in _READABLE_VERSIONS or isinstance(version, bool):
+            raise ValueError(f"{json_path} is not an hf_lwf state file of format version "
+                             f"{' or '.join(map(str, _READABLE_VERSIONS))}.")
+        if version >= 2 and not _valid_checksums(data.get("checksums")):
+            raise ValueError(f"{json_path} (format version {version}) lacks the checksums of its tensor file and model "
+                             "weights: not a complete hf_lwf state file.")
         data.pop("failed_points", None)  # hf_lwf 0.1.0 counted swallowed failures; a failure now stops the run
         known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TENSOR_GROUPS}
         unknown = set(data) - set(known)
@@ -195,14 +218,14 @@ def atomic_write_text(directory: str, name: str, text: str) -> str:
 
 # Element types of the container fields: JSON ints are valid floats, bools are neither.
 _ELEMENT_TYPES = {"self_data_sizes": int, "forget_sizes": int, "sampler": int, "forget_indices": int, "scores": float,
-                  "drawn": int, "unlearned": int}
+                  "drawn": int, "unlearned": int, "checksums": str}
 
 
 def _elements_match(name: str, value: Any) -> bool:
     kind = _ELEMENT_TYPES.get(name)
     if kind is None:
         return True
-    allowed = (int, float) if kind is float else (int,)
+    allowed = (int, float) if kind is float else (kind,)
     items = value.values() if isinstance(value, dict) else value
     return all(isinstance(v, allowed) and not isinstance(v, bool) for v in items)
 
@@ -215,6 +238,20 @@ def _type_matches(value: Any, default: Any) -> bool:
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, type(default))
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _valid_checksums(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get(TENSORS_CHECKSUM), str)
+            and len(value[TENSORS_CHECKSUM]) == 64 and isinstance(value.get(WEIGHTS_CHECKSUM), str))
 
 
 def _write_text(path: str, text: str) -> None:

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callback import LWFCallback
+from .checkpoint import resolve_resume, writing_checkpoint
 from .config import LWFConfig
 from .distributed import full_tensor
 from .method.fisher import trainable_parameters
@@ -61,11 +62,17 @@ class LWFTrainerMixin:
         return self.lwf_callback.run
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        # Record where the Trainer will resume; `True` with no checkpoint stays `True`, so that the Trainer raises
-        # its own "no valid checkpoint" error instead of training from scratch.
-        found = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
-        self.lwf_callback.resume_dir = found or None
-        return super().train(found or resume_from_checkpoint, *args, **kwargs)
+        # `True`: the newest *complete* checkpoint (hf_lwf.checkpoint); a path: refused when incomplete. The callback
+        # is told the exact folder.
+        found = resolve_resume(self.args, resume_from_checkpoint)
+        self.lwf_callback.resume_dir = found
+        return super().train(found, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # complete or ignored: marked after every rank has written, rotation only over complete checkpoints
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with writing_checkpoint(self.args, self.state, folder):
+            super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(self.lwf_callback.pop_metrics())
@@ -115,14 +122,14 @@ class LWFTrainerMixin:
         run = self.lwf_run
         output_dir = output_dir or self.args.output_dir
         checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-")
+        model = self.accelerator.unwrap_model(self.model_wrapped)
         if checkpoint and run is not None and run.backend.partitioned:
             # collective: every rank; a sharded checkpoint's folder may not exist yet
-            run.save(output_dir, self.state.global_step, should_save=self.args.should_save, create=True,
-                     model=self.accelerator.unwrap_model(self.model_wrapped))
+            run.save(output_dir, self.state.global_step, should_save=self.args.should_save, create=True, model=model)
         if not self.args.should_save or run is None:
             return
         if checkpoint:
-            run.save(output_dir, self.state.global_step, should_save=True)
+            run.save(output_dir, self.state.global_step, should_save=True, model=model)
         else:
             run.write_record(output_dir)
         _replace_pickled_args(output_dir, self.args)

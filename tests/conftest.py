@@ -199,6 +199,22 @@ def lwf_args(output_dir, **overrides):
     return LWFTrainingArguments(str(output_dir), **values)
 
 
+def write_cli_files(root):
+    """What ``hf-lwf train`` reads, in ``root``: a tiny chat model and tokenizer saved with save_pretrained, a
+    learning jsonl (question/answer) and a forgetting prompt file."""
+    import json
+
+    tokenizer = build_tokenizer(chat_template=True)
+    tiny_llama(len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "learn.jsonl", "w", encoding="utf-8") as handle:
+        for text in LEARN_TEXTS:
+            question, answer = text.split(" The answer")
+            handle.write(json.dumps({"question": question, "answer": "The answer" + answer}) + "\n")
+    (root / "forget.txt").write_text("\n".join(FORGET_PROMPTS) + "\n")
+    return root
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """Every Hub call of the Trainer goes to an offline fake that records the uploads (see test_hub.FakeHubApi)."""

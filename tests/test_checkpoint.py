@@ -12,6 +12,19 @@ from conftest import learning_dataset, lm_collator, lwf_args, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_lwf import LWFCallback, LWFRun, LWFTrainer
+from hf_lwf.checkpoint import (
+    MARKER_NAME,
+    SET_ASIDE_DIR,
+    SET_ASIDE_NOTE,
+    IncompleteCheckpointError,
+    incomplete_reason,
+    last_complete_checkpoint,
+    resolve_resume,
+    rotate_checkpoints,
+    weights_sha256,
+    write_marker,
+)
+from hf_lwf.backends import LocalBackend
 from hf_lwf.config import config_from_args
 from hf_lwf.state import CONFIG_NAME, SELF_DATA_DIR, STATE_JSON, STATE_TENSORS, LWFState
 
@@ -128,7 +141,16 @@ def test_resume_from_corrupted_state_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
     (tmp_path / "checkpoint-4" / STATE_TENSORS).write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="not a valid hf_lwf state file"):
+    trainer = _trainer(tokenizer, _args(tmp_path))
+    with pytest.raises(ValueError, match="checkpoint-4: lwf_state.safetensors has 8 bytes where"):
+        trainer.train(resume_from_checkpoint=True)  # the completion marker's sizes and checksums
+    assert trainer.state.global_step == 0
+    aside = tmp_path / SET_ASIDE_DIR / "checkpoint-4"
+    assert (aside / STATE_TENSORS).read_bytes() == b"\x00garbage"  # moved aside, not deleted
+    # without the marker (as an hf_lwf that wrote none left it) the LWF state's own checksum refuses the file
+    shutil.move(aside, tmp_path / "checkpoint-4")
+    os.remove(tmp_path / "checkpoint-4" / MARKER_NAME)
+    with pytest.raises(ValueError, match="lwf_state.safetensors is not the tensor file .*lwf_state.json was saved"):
         _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=True)
 
 
@@ -307,9 +329,14 @@ def test_changed_fisher_setting_on_resume_is_refused(tokenizer, tmp_path, change
 def test_lwf_checkpoint_without_its_state_file_is_refused(tokenizer, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _trainer(tokenizer, _args(tmp_path), callbacks=[Crash(at_step=5)]).train()
-    os.remove(tmp_path / "checkpoint-4" / STATE_JSON)
-    with pytest.raises(FileNotFoundError, match="saved by an LWF run but has no lwf_state.json"):
-        _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=True)
+    folder = tmp_path / "checkpoint-4"
+    os.remove(folder / STATE_JSON)
+    with pytest.raises(IncompleteCheckpointError, match="lwf_state.json is missing"):
+        _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=str(folder))
+    os.remove(folder / MARKER_NAME)  # a checkpoint without a marker is checked for the LWF state files too
+    with pytest.raises(IncompleteCheckpointError, match="an LWF checkpoint without lwf_state.json"):
+        _trainer(tokenizer, _args(tmp_path)).train(resume_from_checkpoint=str(folder))
+    assert folder.is_dir()  # a folder named explicitly is refused, not moved
 
 
 @pytest.mark.parametrize("cls", [Trainer, LWFTrainer])
@@ -346,3 +373,185 @@ def test_a_checkpoint_of_hf_lwf_0_1_0_resumes_exactly(tokenizer, tmp_path):
     assert trainer.lwf_callback.lwf_state.unlearn_points == 3
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), expected[name]), name
+
+
+# ------------------------------------------------------------------------------ hf_lwf.checkpoint, unit by unit
+def _fake_checkpoint(root, step, marked=True, **files):
+    """A checkpoint folder with a trainer state of ``step``, a model file and ``files``; marked complete."""
+    folder = root / f"checkpoint-{step}"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (folder / "sub" / ".metadata").write_bytes(b"hidden files count too")
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if marked:
+        write_marker(str(folder), step)
+    return folder
+
+
+def test_marker_lists_every_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+
+    folder = _fake_checkpoint(tmp_path, 4)
+    data = json.loads((folder / MARKER_NAME).read_text())
+    assert data["step"] == 4 and set(data["files"]) == {"trainer_state.json", "model.safetensors", "sub/.metadata"}
+    for rel, entry in data["files"].items():
+        raw = (folder / rel).read_bytes()
+        assert entry == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert incomplete_reason(str(folder)) is None
+    assert not [n for n in os.listdir(folder) if n.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda f: (f / "model.safetensors").write_bytes(b"\x01" + (f / "model.safetensors").read_bytes()[1:]),
+     "model.safetensors differs from the file that was written"),  # same size, one byte changed
+    (lambda f: (f / "model.safetensors").write_bytes(b"short"), "model.safetensors has 5 bytes where 1024"),
+    (lambda f: os.remove(f / "sub" / ".metadata"), "sub/.metadata is missing"),
+    (lambda f: (f / MARKER_NAME).write_text("{"), "cannot be read"),
+    (lambda f: os.remove(f / MARKER_NAME), "no checkpoint_complete.json: its save was interrupted"),
+    (lambda f: os.rename(f, f.parent / "checkpoint-8"), "was written for step 4"),
+])
+def test_incomplete_reason_names_what_is_wrong(tmp_path, damage, reason):
+    folder = _fake_checkpoint(tmp_path, 4)
+    damage(folder)
+    folder = folder if folder.exists() else tmp_path / "checkpoint-8"
+    assert reason in incomplete_reason(str(folder))
+
+
+def test_size_only_check_skips_the_checksums(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 4)
+    (folder / "model.safetensors").write_bytes(b"\x01" + (folder / "model.safetensors").read_bytes()[1:])
+    assert incomplete_reason(str(folder), verify=False) is None
+    assert "sha256" in incomplete_reason(str(folder))
+
+
+def test_last_complete_checkpoint_sets_aside_newer_incomplete_folders_and_keeps_older_ones(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 2, marked=False)  # older and unmarked: never examined, never moved
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 6, marked=False)
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / SET_ASIDE_DIR / "checkpoint-8").mkdir(parents=True)  # an earlier one of the same name
+    assert last_complete_checkpoint(tmp_path, set_aside=False) == str(tmp_path / "checkpoint-4")
+    assert (tmp_path / "checkpoint-6").is_dir()  # only reported
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert sorted(os.listdir(tmp_path / SET_ASIDE_DIR)) == ["checkpoint-6", "checkpoint-8", "checkpoint-8.1"]
+    assert (tmp_path / SET_ASIDE_DIR / "checkpoint-6" / "model.safetensors").is_file()  # moved whole
+    assert "interrupted" in (tmp_path / SET_ASIDE_DIR / "checkpoint-6" / SET_ASIDE_NOTE).read_text()
+    assert f"{tmp_path / 'checkpoint-6'} is not a complete checkpoint" in caplog.text and "Nothing was deleted" in caplog.text
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_without_any_marker_folders_are_checked_as_plain_trainer_checkpoints(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 2, marked=False)
+    _fake_checkpoint(tmp_path, 4, marked=False, **{CONFIG_NAME: b"{}"})  # an LWF checkpoint without its state
+    no_state = _fake_checkpoint(tmp_path, 6, marked=False)
+    os.remove(no_state / "trainer_state.json")
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "has no checkpoint_complete.json (written by a plain Trainer or an older hf_lwf)" in caplog.text
+    reasons = {n: (tmp_path / SET_ASIDE_DIR / n / SET_ASIDE_NOTE).read_text() for n in ("checkpoint-4", "checkpoint-6")}
+    assert "an LWF checkpoint without lwf_state.json" in reasons["checkpoint-4"]
+    assert "no trainer_state.json" in reasons["checkpoint-6"]
+    torn = _fake_checkpoint(tmp_path, 8, marked=False)
+    (torn / "trainer_state.json").write_text('{"global_st')
+    assert "cannot be read" in incomplete_reason(str(torn), legacy=True)
+    os.remove(torn / "model.safetensors")
+    (torn / "trainer_state.json").write_text('{"global_step": 8}')
+    assert incomplete_reason(str(torn), legacy=True) == "it holds no model weights"
+
+
+def test_rotation_deletes_the_oldest_complete_checkpoints_only(tmp_path):
+    import time
+
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+        time.sleep(0.01)  # marker times order them
+    _fake_checkpoint(tmp_path, 8, marked=False)  # incomplete: never deleted by rotation, never counted
+    (tmp_path / "_rotated-checkpoint-1").mkdir()  # a deletion a kill interrupted: finished now
+    deleted = rotate_checkpoints(str(tmp_path), 1, best=str(tmp_path / "checkpoint-2"), keep=str(tmp_path / "checkpoint-6"))
+    assert deleted == [str(tmp_path / "checkpoint-4")]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+    assert rotate_checkpoints(str(tmp_path), None) == [] and rotate_checkpoints(str(tmp_path), 5) == []
+
+
+def test_resolve_resume_true(tmp_path, caplog):
+    args = TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+        resolve_resume(args, True)  # nothing there: the Trainer's own error
+    out = tmp_path / "out"
+    out.mkdir()
+    _fake_checkpoint(out, 2, marked=False)
+    _fake_checkpoint(out, 4)
+    assert resolve_resume(args, True) == str(out / "checkpoint-4")
+    assert resolve_resume(args, None) is None and resolve_resume(args, False) is None
+    damaged = _fake_checkpoint(out, 6)  # complete once, changed since: passed over for the complete checkpoint-4
+    (damaged / "model.safetensors").write_bytes(b"\x01" + (damaged / "model.safetensors").read_bytes()[1:])
+    assert resolve_resume(args, True) == str(out / "checkpoint-4") and (out / SET_ASIDE_DIR / "checkpoint-6").is_dir()
+    only = tmp_path / "only-damaged"  # nothing complete left, and not an interrupted run: an error, no fresh start
+    shutil.move(out / SET_ASIDE_DIR / "checkpoint-6", only / "checkpoint-6")
+    with pytest.raises(ValueError, match="checkpoint-6: model.safetensors differs"):
+        resolve_resume(TrainingArguments(str(only), use_cpu=True, report_to=[]), True)
+    first = tmp_path / "first"  # the first save of a run was killed: nothing complete, every folder interrupted
+    os.remove(_fake_checkpoint(first, 2, marked=False) / "trainer_state.json")
+    with caplog.at_level("WARNING"):
+        assert resolve_resume(TrainingArguments(str(first), use_cpu=True, report_to=[]), True) is None
+    assert "training starts from step 0" in caplog.text and (first / SET_ASIDE_DIR / "checkpoint-2").is_dir()
+
+
+def test_resolve_resume_path_refuses_an_incomplete_folder(tmp_path):
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 4, marked=False)
+    assert resolve_resume(args, str(tmp_path / "checkpoint-2")) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(IncompleteCheckpointError, match="checkpoint-4: it is not a complete checkpoint .*The last "
+                                                        "complete checkpoint next to it is .*checkpoint-2"):
+        resolve_resume(args, str(tmp_path / "checkpoint-4"))
+    assert (tmp_path / "checkpoint-4").is_dir()  # refused, not moved
+
+
+def test_weights_sha256_is_the_sha256_of_the_trainable_tensors_in_name_order():
+    import hashlib
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[1].bias.requires_grad_(False)
+    expected = hashlib.sha256()
+    for name in ("0.bias", "0.weight", "1.weight"):
+        tensor = dict(model.named_parameters())[name].detach()
+        expected.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        expected.update(tensor.numpy().tobytes())
+    assert weights_sha256(LocalBackend().whole_weights(model)) == expected.hexdigest()
+    with torch.no_grad():
+        model[0].weight[0, 0] = torch.nextafter(model[0].weight[0, 0], torch.tensor(1.0))  # one ulp
+    assert weights_sha256(LocalBackend().whole_weights(model)) != expected.hexdigest()
+    assert weights_sha256(LocalBackend().whole_weights(model), keep=False) is None
+
+
+def test_lwf_state_of_another_step_is_refused_naming_its_file(tokenizer, tmp_path):
+    """Both LWF files of checkpoint-2 copied into checkpoint-4 (a consistent pair, from other weights), markers gone
+    (as an hf_lwf without markers left them): the weights checksum in lwf_state.json refuses the mix."""
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tokenizer, _args(tmp_path, save_steps=2), callbacks=[Crash(at_step=5)]).train()
+    for name in (STATE_JSON, STATE_TENSORS):
+        shutil.copy(tmp_path / "checkpoint-2" / name, tmp_path / "checkpoint-4" / name)
+    for step in (2, 4):
+        os.remove(tmp_path / f"checkpoint-{step}" / MARKER_NAME)
+    with pytest.raises(IncompleteCheckpointError, match=f"{tmp_path / 'checkpoint-4' / STATE_JSON} was saved with "
+                                                        "other model weights"):
+        _trainer(tokenizer, _args(tmp_path, save_steps=2)).train(resume_from_checkpoint=True)
+
+
+def test_lwf_trainer_marks_each_checkpoint_after_its_last_file(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, _args(tmp_path, save_steps=4))
+    trainer.train()
+    for step in (4, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        listed = set(json.loads((folder / MARKER_NAME).read_text())["files"])
+        on_disk = {os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs}
+        assert listed == on_disk - {MARKER_NAME}
+        assert {STATE_JSON, STATE_TENSORS, "trainer_state.json", "optimizer.pt", "model.safetensors"} <= listed
+        saved = LWFState.load(str(folder))
+        assert len(saved.checksums["model_weights"]) == 64
+    # the final weights: checkpoint-8's
+    assert saved.checksums["model_weights"] == weights_sha256(LocalBackend().whole_weights(trainer.model))

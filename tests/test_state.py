@@ -52,8 +52,13 @@ def _saved(tmp_path, state=None):
     return directory
 
 
+def _scalars(state):
+    """The JSON part without the checksums, which save() fills in."""
+    return {k: v for k, v in state.scalars().items() if k != "checksums"}
+
+
 def _assert_equal_states(a, b):
-    assert a.scalars() == b.scalars()
+    assert _scalars(a) == _scalars(b)
     for group in ("fisher", "reference"):
         left, right = getattr(a, group), getattr(b, group)
         assert set(left) == set(right)
@@ -93,7 +98,9 @@ def test_files_are_json_and_safetensors_only(tmp_path):
     assert sorted(os.listdir(directory)) == sorted([STATE_JSON, STATE_TENSORS])  # no temporary files left
     with open(os.path.join(directory, STATE_JSON), encoding="utf-8") as handle:
         data = json.load(handle)
-    assert data["format_version"] == 1 and data["fisher_updates"] == 17
+    assert data["format_version"] == 2 and data["fisher_updates"] == 17
+    assert data["checksums"] == {STATE_TENSORS: state_module.file_sha256(os.path.join(directory, STATE_TENSORS)),
+                                 "model_weights": ""}
     assert "fisher" not in data and "reference" not in data
     with open(os.path.join(directory, STATE_TENSORS), "rb") as handle:
         raw = handle.read()
@@ -192,7 +199,7 @@ def test_corrupted_json(tmp_path, text):
     assert _json_path(directory) in _load_error(directory)
 
 
-@pytest.mark.parametrize("content", [[1, 2], {"fisher_updates": 1}, {"format_version": 2}])
+@pytest.mark.parametrize("content", [[1, 2], {"fisher_updates": 1}, {"format_version": 3}, {"format_version": True}])
 def test_json_without_the_format_version(tmp_path, content):
     directory = _saved(tmp_path)
     with open(_json_path(directory), "w", encoding="utf-8") as handle:
@@ -258,8 +265,14 @@ def test_truncated_safetensors(tmp_path, keep):
     assert _tensor_path(directory) in _load_error(directory)
 
 
+def _as_format_1(directory):
+    """Rewrite the JSON as hf_lwf wrote it before it recorded checksums: the tensor file is checked by content only."""
+    _edit_json(directory, lambda d: (d.pop("checksums"), d.update(format_version=1)))
+
+
 def test_foreign_safetensors_without_the_marker(tmp_path):
     directory = _saved(tmp_path)
+    _as_format_1(directory)
     save_file({"fisher/w": torch.ones(2)}, _tensor_path(directory))
     message = _load_error(directory)
     assert _tensor_path(directory) in message and "hf_lwf" in message
@@ -270,6 +283,7 @@ def test_foreign_safetensors_without_the_marker(tmp_path):
 @pytest.mark.parametrize("key", ["optimizer/w", "fisher", "fisher/"])
 def test_unexpected_tensor_names(tmp_path, key):
     directory = _saved(tmp_path)
+    _as_format_1(directory)
     save_file({key: torch.ones(2)}, _tensor_path(directory), metadata={"format": "hf_lwf"})
     message = _load_error(directory)
     assert _tensor_path(directory) in message and repr(key) in message
@@ -301,7 +315,40 @@ def test_legacy_failed_points_field_is_accepted(tmp_path):
     data["failed_points"] = 2
     with open(path, "w") as handle:
         json.dump(data, handle)
-    assert LWFState.load(directory).scalars() == _full_state().scalars()
+    assert _scalars(LWFState.load(directory)) == _scalars(_full_state())
+
+
+def test_format_1_file_without_checksums_still_loads(tmp_path):
+    state = _full_state()
+    directory = _saved(tmp_path, state)
+    _as_format_1(directory)
+    loaded = LWFState.load(directory)
+    assert loaded.checksums == {}
+    _assert_equal_states(state, loaded)
+
+
+def test_tensor_file_of_another_save_is_refused_by_its_checksum(tmp_path):
+    """Both files valid on their own, from two saves: the JSON's checksum tells they do not belong together."""
+    directory = _saved(tmp_path)
+    other = _full_state()
+    other.fisher = {name: t * 2 for name, t in other.fisher.items()}
+    other.save(str(tmp_path / "other"))
+    os.replace(_tensor_path(str(tmp_path / "other")), _tensor_path(directory))
+    message = _load_error(directory)
+    assert _tensor_path(directory) in message and _json_path(directory) in message and "belong together" in message
+
+
+def test_format_2_json_without_checksums_is_refused(tmp_path):
+    directory = _saved(tmp_path)
+    _edit_json(directory, lambda d: d.pop("checksums"))
+    message = _load_error(directory)
+    assert _json_path(directory) in message and "checksums" in message
+
+
+def test_saved_checksums_name_the_weights(tmp_path):
+    state = _full_state()
+    state.save(str(tmp_path / "c"), weights_sha256="ab" * 32)
+    assert LWFState.load(str(tmp_path / "c")).checksums["model_weights"] == "ab" * 32
 
 
 def test_run_summary_counts_what_ran():

@@ -14,7 +14,8 @@ from conftest import FORGET_PROMPTS, tiny_llama
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from hf_lwf import LWFCallback, LWFConfig, LWFTrainer, LWFTrainerMixin
+from hf_lwf import LWFCallback, LWFConfig, LWFTrainer, LWFTrainerMixin, last_complete_checkpoint
+from hf_lwf.checkpoint import incomplete_reason
 from hf_lwf.state import CONFIG_NAME, STATE_JSON, STATE_TENSORS, LWFState
 
 
@@ -101,7 +102,9 @@ def test_mixin_on_sft_trainer_logs_saves_and_writes_the_card(chat_tokenizer, tmp
         for name in (STATE_JSON, STATE_TENSORS, CONFIG_NAME, "training_args.json", "model.safetensors"):
             assert (folder / name).is_file(), (step, name)
         assert not (folder / "training_args.bin").exists()
+        assert incomplete_reason(str(folder)) is None  # marked complete, every file matches the marker
     assert LWFState.load(str(tmp_path / "checkpoint-6")).unlearn_points == 3
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
 
     trainer.create_model_card(model_name="tiny-sft-lwf")
     trainer.create_model_card(model_name="tiny-sft-lwf")

@@ -318,6 +318,7 @@ TRAIN_EPILOG = """examples:
       --output_dir runs/smollm2 --max_steps 200 --learning_rate 5e-5
   hf-lwf train examples/llama3.2-1b-gsm8k-forget-dental.yaml --learning_rate 1e-5
   hf-lwf train config.yaml --no_lwf --output_dir runs/baseline      # the same run without LWF
+  hf-lwf train config.yaml --resume_from_checkpoint true            # continue from the newest complete checkpoint
 
 Writes to output_dir: the model (safetensors) and tokenizer, lwf_config.json, report.json, and the plots
 learning_loss.png, forget_loss.png and confidence_histogram.png.
@@ -376,6 +377,7 @@ def run_train(argv: Sequence[str]) -> int:
 
     from .learning_data import LearningCollator
     from .report import REPORT_JSON, final_loss, loss_curve, lwf_summary, write_plots, write_report
+    from ..checkpoint import resolve_resume
     from ..trainer import LWFTrainer
 
     timings: dict[str, float] = {}
@@ -391,8 +393,12 @@ def run_train(argv: Sequence[str]) -> int:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=LearningCollator(tokenizer.pad_token_id), processing_class=tokenizer,
     )
+    resume = training_args.resume_from_checkpoint
+    resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
+    if not command_args.lwf:  # LWFTrainer resolves it itself: the newest complete checkpoint
+        resume = resolve_resume(training_args, resume)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     timings["train_seconds"] = time.perf_counter() - start
     trainer.save_model()
     trainer.save_state()

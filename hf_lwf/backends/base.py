@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributed import input_device, local_rows
+from ..distributed import full_tensor, input_device, local_rows
 from ..method import fisher as fisher_lib
 from ..method.common import TensorDict
 from ..method.unlearn import PreconditionedAscent, ascent_step
@@ -55,6 +55,13 @@ class Backend:
     def place(self, state: LWFState, params: dict[str, torch.nn.Parameter], device: str | None) -> None:
         """Move a loaded state next to the parameters (or onto ``device``)."""
         state.place_like(params, device=device)
+
+    def whole_weights(self, model: torch.nn.Module):
+        """``(name, whole tensor)`` of every trainable parameter in name order; gathered one at a time from shards
+        (collective: every rank iterates)."""
+        params = fisher_lib.trainable_parameters(model)
+        for name in sorted(params):
+            yield name, full_tensor(params[name].detach())
 
     def tensors_for_saving(self, state: LWFState, params: dict[str, torch.nn.Parameter], keep: bool
                            ) -> dict[str, torch.Tensor] | None:

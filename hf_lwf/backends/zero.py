@@ -133,6 +133,14 @@ class ZeroBackend(Backend):
         if self.stage != 3:  # ZeRO-3: load_state read this rank's slices already
             super().place(state, params, device)
 
+    def whole_weights(self, model):
+        if self.stage != 3:
+            yield from super().whole_weights(model)
+            return
+        params = trainable_parameters(model)
+        for name in sorted(params):
+            yield name, gather_partitions({name: local_partition(params[name])}, {name: params[name]})[name]
+
     def tensors_for_saving(self, state, params, keep):
         if self.stage != 3:
             return None

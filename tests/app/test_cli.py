@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FORGET_PROMPTS, LEARN_TEXTS, build_tokenizer, tiny_llama
+from conftest import LEARN_TEXTS, write_cli_files
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
@@ -18,28 +18,9 @@ from hf_lwf.app.learning_data import LearningCollator, prepare_learning_dataset
 from hf_lwf.app.inspect import format_table, ranked_samples
 
 
-def _write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A tiny chat model and tokenizer saved with save_pretrained, a learning jsonl and a forgetting prompt file."""
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = build_tokenizer(chat_template=True)
-    model = tiny_llama(len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rows = []
-    for text in LEARN_TEXTS:
-        question, answer = text.split(" The answer")
-        rows.append({"question": question, "answer": "The answer" + answer})
-    _write_jsonl(root / "learn.jsonl", rows)
-    (root / "forget.txt").write_text("\n".join(FORGET_PROMPTS) + "\n")
-    return root
+    return write_cli_files(tmp_path_factory.mktemp("cli"))
 
 
 def _config(workdir, **overrides):
