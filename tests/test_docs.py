@@ -57,10 +57,12 @@ def test_readme_shows_demo_and_test_commands_and_ci_runs_the_test_command():
     assert test_command in ci
 
 
-def test_readme_answers_does_it_help_on_its_first_screen():
+def test_readme_first_screen_has_the_commands_the_api_and_the_answer():
     readme = _read("README.md")
+    first_screen = "\n".join(readme.splitlines()[:60])
+    for needle in ("hf-lwf demo --output_dir", "python -m pytest", "## Does it help?", "LWFTrainer(model="):
+        assert needle in first_screen, needle
     section = readme.split("## Does it help?", 1)[1].split("\n## ", 1)[0].strip()
-    assert readme.index("## Does it help?") < readme.index("## What the demo shows")
     assert len(section.splitlines()) <= 5 and "docs/results.md" in section
 
 
@@ -209,10 +211,10 @@ def demo_table(report: dict) -> str:
         lines.append(f"| {title} | " + " | ".join(cell(results[run][key], fmt) for run in ("base", "vanilla", "lwf"))
                      + " |")
     sizes = lwf["self_data_sizes"]
-    lines += ["", f"D_self held {sum(sizes.values())} answers ("
+    lines += ["", f"LWF sampled {sum(sizes.values())} of the model's own answers to forgetting prompts ("
               + ", ".join(f"{task} {n}" for task, n in sizes.items())
-              + f"); LWF selected {len(lwf['forget_indices'])} of them (D_U) and unlearned {len(lwf['unlearned'])} "
-              f"in {lwf['unlearn_steps']} ascent steps at {lwf['unlearn_points']} unlearning points."]
+              + f"), selected {len(lwf['forget_indices'])} of them and\nunlearned {len(lwf['unlearned'])} in "
+              f"{lwf['unlearn_steps']} ascent steps at {lwf['unlearn_points']} unlearning points."]
     return "\n".join(lines)
 
 
