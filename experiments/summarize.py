@@ -1,6 +1,6 @@
-"""Aggregate the run JSONs into CSV tables, plots and the generated part of ``docs/results.md``.
+"""Aggregate the run JSONs into CSV tables, plots and the generated part of ``experiments/results/REPORT.md``.
 
-    python -m experiments.summarize                       # results/runs/*.json -> results/*.csv, plots, docs
+    python -m experiments.summarize                       # results/*/*.json -> results/*.csv, plots, REPORT.md
     python -m experiments.summarize --results_dir DIR --docs none
 
 Every comparison is paired: a method's run and the vanilla run with the same learning task and seed share the
@@ -872,7 +872,7 @@ SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "me
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, pilot_decay/, pilot_decay300/, mechanism/, mechanism_40/, runs/.")
-    parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"),
+    parser.add_argument("--docs", default=str(RESULTS / "REPORT.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
     args = parser.parse_args(argv)
     out = Path(args.results_dir)

@@ -35,7 +35,7 @@ def _write_jsonl(path, rows):
 
 @pytest.fixture
 def tiny_setup(tmp_path):
-    """A tiny Llama + chat tokenizer saved like a Hub model, and a data dir with the shared data's files and schemas."""
+    """A tiny Llama + chat tokenizer saved like a Hub model, and a data dir in the layout and schemas of the local copies."""
     model_dir = tmp_path / "model"
     tokenizer = build_tokenizer(chat_template=True)
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
@@ -62,7 +62,7 @@ def test_example_config_combines_sft_and_lwf_fields(example):
     assert isinstance(config, example.SFTConfig) and isinstance(config, example.LWFConfig)
     assert config.lwf_forget_ratio == 0.5 and config.learning_rate == 1e-4 and script_args.num_forget_prompts == 3
     assert config.gradient_checkpointing and config.lwf_unlearn_every == 10  # TRL default kept, script default set
-    assert script_args.data_dir == SHARED_DATA
+    assert script_args.data_dir == "data"  # local copies in the working directory unless --data_dir says otherwise
     assert config.to_dict()["lwf_forget_ratio"] == 0.5
     with pytest.raises(ValueError, match="lwf_unlearn_every"):
         HfArgumentParser(example.LWFSFTConfig).parse_args_into_dataclasses(args=["--lwf_unlearn_every", "0"])
@@ -97,7 +97,8 @@ def test_example_runs_on_a_tiny_model_and_data_dir(example, tiny_setup, tmp_path
 def test_example_on_smollm2_and_the_shared_data(example, tmp_path):
     out = tmp_path / "out"
     trainer = example.main([
-        "--output_dir", str(out), "--num_train_samples", "4", "--num_forget_prompts", "2", "--max_steps", "2",
+        "--data_dir", SHARED_DATA, "--output_dir", str(out), "--num_train_samples", "4", "--num_forget_prompts", "2",
+        "--max_steps", "2",
         "--lwf_unlearn_every", "2", "--lwf_samples_per_prompt", "1", "--lwf_max_new_tokens", "12",
         "--per_device_train_batch_size", "1", "--max_length", "128", "--lwf_forget_ratio", "1.0",
         "--lwf_confidence", "alignment", "--use_cpu", "--disable_tqdm", "true",

@@ -28,7 +28,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def make_data(root: Path, n: int = 8, tag: str = "") -> Path:
-    """Hand-made files for every task, in the schema of /work/shared/data."""
+    """Hand-made files for every task, in the schema of the local JSON Lines copies (`--data_dir`)."""
     mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {tag}{i}?", "options": ["molar", "canine", "incisor", "premolar"],
             "answer": i % 4, "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"} for i in range(n)]
     _write(root / "dental" / "validation.jsonl", mcq)
@@ -422,6 +422,19 @@ def test_summarize_writes_tables_and_docs(tiny_setup, tmp_path):
     assert "Interim" not in confirm_text and "Sensitivity (after the fact" in confirm_text
     assert "nan" not in confirm_text.split("Sensitivity", 1)[1].split("\n", 1)[0]
     assert "| sst5 | dental | lwf vs vanilla | 5 | gold_logprob (primary)" in confirm_text
+
+
+def test_summarize_writes_its_report_under_the_results_folder_by_default(tmp_path, monkeypatch):
+    """With no --docs, the generated block goes to <results>/REPORT.md, never into docs/."""
+    from experiments import summarize
+
+    findings = summarize.REPO / "docs" / "results.md"
+    before = findings.read_text(encoding="utf-8") if findings.exists() else None
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path)
+    assert summarize.main([]) == 0
+    report = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    assert summarize.BEGIN in report and summarize.END in report
+    assert (findings.read_text(encoding="utf-8") if findings.exists() else None) == before
 
 
 def test_optimizer_probe_on_tiny_model(tiny_setup, tmp_path):

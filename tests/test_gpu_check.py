@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_passes(tmp_path):
 
 
 def test_gpu_check_timeouts_fit_the_eight_minute_budget():
-    """Issue 16: the GPU command runs in under 8 minutes; its parts' timeouts bound it."""
+    """The GPU command runs in under 8 minutes; its parts' timeouts bound it."""
     with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8") as handle:
         script = handle.read()
     start = script.index("\nelse\n")

@@ -64,8 +64,8 @@ def _reference_fisher(steps: list[dict], names: list[str], decay: float) -> dict
 
 # ------------------------------------------------------------------------------------------ online Fisher
 def test_parameters_without_a_gradient_still_decay():
-    """An expert routed on 2 of 10 steps and one never routed: F averages over every step (issue 14: the expert's F
-    was 512x too large after 9 idle steps)."""
+    """An expert routed on 2 of 10 steps and one never routed: F averages over every step (skipping idle steps
+    would leave the expert's F 512x too large after 9 of them)."""
     decay, gen = 0.5, torch.Generator().manual_seed(0)
     params = {"dense": torch.zeros(4, 3), "expert": torch.zeros(5), "never": torch.zeros(3)}
     steps = []
@@ -88,7 +88,7 @@ def test_parameters_without_a_gradient_still_decay():
 
 
 def test_bf16_fisher_keeps_decaying_at_a_decay_close_to_one():
-    """At decay 0.998 a round-to-nearest bf16 F stops decaying (>50% off, issue 14); stochastic rounding stays
+    """At decay 0.998 a round-to-nearest bf16 F stops decaying (>50% off); stochastic rounding stays
     unbiased and close to the fp64 reference."""
     decay, n, steps = 0.998, 2000, 2500
     gen = torch.Generator().manual_seed(1)
