@@ -17,7 +17,7 @@ from .backends import detect_backend
 from .checkpoint import mark_complete
 from .config import LWFConfig, config_from_args
 from .distributed import input_device
-from .modelcard import MODEL_TAGS, install_card_section, lwf_card_section
+from .modelcard import MODEL_TAGS, card_data, install_card_section, lwf_card_section
 from .resume import resume_directory
 from .run import LWFRun, LWFUnlearningError
 
@@ -145,7 +145,7 @@ class LWFCallback(TrainerCallback):
         if args.should_save:
             run.write_record(args.output_dir)
         if not self.via_trainer:
-            install_card_section(lwf_card_section(run.card_data()))
+            install_card_section(lwf_card_section(card_data(run)))
 
 
 def _learning_examples(train_dataloader, model, count: int):

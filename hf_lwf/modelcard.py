@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import transformers.modelcard as hf_modelcard
@@ -24,9 +25,40 @@ CITATION = """@inproceedings{jiang2025graceful,
 _START, _END = "<!-- hf_lwf:start -->", "<!-- hf_lwf:end -->"
 
 
+def card_data(run, examples: int = 3, width: int = 160) -> dict[str, Any]:
+    """Plain data for :func:`lwf_card_section` from an :class:`~hf_lwf.run.LWFRun`: what the weights being saved went
+    through (the adopted checkpoint's record under ``load_best_model_at_end``)."""
+    config, lwf = run.config, run.described
+    scores = [s for s in lwf.scores if s > -1e29]  # -1e30 marks a non-finite score in the state
+    unlearned = sorted((int(i) for i in lwf.unlearned), key=lambda i: lwf.scores[i] if i < len(lwf.scores)
+                       else float("-inf"), reverse=True)
+    shown = []
+    if run.self_data is not None and len(lwf.scores) == len(run.self_data):
+        for index in unlearned[:examples]:
+            text = " ".join(run.self_data[index]["text"].split())
+            shown.append((run.self_data[index]["task"], text if len(text) <= width else text[: width - 1] + "…"))
+    tasks = run.self_data["task"] if run.self_data is not None else None
+    per_task_unlearned = {task: 0 for task in lwf.self_data_sizes}
+    if tasks is not None:
+        for index in unlearned:
+            if index < len(tasks):
+                per_task_unlearned[tasks[index]] = per_task_unlearned.get(tasks[index], 0) + 1
+    selected = set(lwf.forget_indices)
+    never_drawn = sorted(i for i in selected if str(i) not in lwf.drawn)
+    always_capped = sorted(i for i in selected if str(i) in lwf.drawn and str(i) not in lwf.unlearned)
+    return {
+        "config": config.lwf_dict(), "forget_amount": config.forget_amount, "summary": run.summary(),
+        "self_data_sizes": dict(lwf.self_data_sizes), "forget_sizes": dict(lwf.forget_sizes),
+        "unlearned_sizes": per_task_unlearned, "never_drawn": len(never_drawn),
+        "always_capped": len(always_capped),
+        "confidence": ({"mean": statistics.fmean(scores), "min": min(scores), "max": max(scores)}
+                       if scores else None),
+        "examples": shown, "is_adapter": run.is_adapter,
+    }
+
+
 def lwf_card_section(data: dict[str, Any]) -> str:
-    """Markdown saying what was forgotten, how much, and on what schedule, from
-    :meth:`hf_lwf.run.LWFRun.card_data`."""
+    """Markdown saying what was forgotten, how much, and on what schedule, from :func:`card_data`."""
     config, summary = data["config"], data["summary"]
     kind, amount = data["forget_amount"]
     size_rule = f"top-k = {int(amount)}" if kind == "top_k" else f"ratio r = {amount}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -556,36 +555,6 @@ class LWFRun:
         if self.record:
             summary["from_checkpoint_step"] = self.record["step"]
         return summary
-
-    def card_data(self, examples: int = 3, width: int = 160) -> dict[str, Any]:
-        """Plain data for the model card (:func:`hf_lwf.modelcard.lwf_card_section`)."""
-        config, lwf = self.config, self.described
-        scores = [s for s in lwf.scores if s > -1e29]  # -1e30 marks a non-finite score in the state
-        unlearned = sorted((int(i) for i in lwf.unlearned), key=lambda i: lwf.scores[i] if i < len(lwf.scores)
-                           else float("-inf"), reverse=True)
-        shown = []
-        if self.self_data is not None and len(lwf.scores) == len(self.self_data):
-            for index in unlearned[:examples]:
-                text = " ".join(self.self_data[index]["text"].split())
-                shown.append((self.self_data[index]["task"], text if len(text) <= width else text[: width - 1] + "…"))
-        tasks = self.self_data["task"] if self.self_data is not None else None
-        per_task_unlearned = {task: 0 for task in lwf.self_data_sizes}
-        if tasks is not None:
-            for index in unlearned:
-                if index < len(tasks):
-                    per_task_unlearned[tasks[index]] = per_task_unlearned.get(tasks[index], 0) + 1
-        selected = set(lwf.forget_indices)
-        never_drawn = sorted(i for i in selected if str(i) not in lwf.drawn)
-        always_capped = sorted(i for i in selected if str(i) in lwf.drawn and str(i) not in lwf.unlearned)
-        return {
-            "config": config.lwf_dict(), "forget_amount": config.forget_amount, "summary": self.summary(),
-            "self_data_sizes": dict(lwf.self_data_sizes), "forget_sizes": dict(lwf.forget_sizes),
-            "unlearned_sizes": per_task_unlearned, "never_drawn": len(never_drawn),
-            "always_capped": len(always_capped),
-            "confidence": ({"mean": statistics.fmean(scores), "min": min(scores), "max": max(scores)}
-                           if scores else None),
-            "examples": shown, "is_adapter": self.is_adapter,
-        }
 
     def finish(self) -> None:
         """At the end of training: say loudly when nothing (or little) was forgotten."""

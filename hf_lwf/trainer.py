@@ -27,7 +27,7 @@ from .checkpoint import resolve_resume, writing_checkpoint
 from .config import LWFConfig
 from .distributed import full_tensor
 from .method.fisher import trainable_parameters
-from .modelcard import MODEL_TAGS, insert_card_section, lwf_card_section
+from .modelcard import MODEL_TAGS, card_data, insert_card_section, lwf_card_section
 from .state import atomic_write_text
 
 
@@ -138,7 +138,7 @@ class LWFTrainerMixin:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         super().create_model_card(*args, tags=tags + [tag for tag in MODEL_TAGS if tag not in tags], **kwargs)
         if self.lwf_run is not None and self.is_world_process_zero():
-            insert_card_section(os.path.join(self.args.output_dir, "README.md"), lwf_card_section(self.lwf_run.card_data()))
+            insert_card_section(os.path.join(self.args.output_dir, "README.md"), lwf_card_section(card_data(self.lwf_run)))
 
 
 class LWFTrainer(LWFTrainerMixin, Trainer):

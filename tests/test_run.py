@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 import hf_lwf.backends.base as backend_module
 from hf_lwf import LWFRun, LWFTrainer, LWFUnlearningError
 from hf_lwf.method.selfgen import collate_self_data
+from hf_lwf.modelcard import card_data
 
 
 def _trainer(tokenizer, args, model=None, **kwargs):
@@ -57,7 +58,7 @@ def test_forgotten_samples_are_the_ones_an_applied_ascent_step_used(tokenizer, t
     assert summary["forgotten_samples"] == len(expected) <= 3  # one sample per applied step, three steps
     assert summary["selected_samples"] == len(run.state.forget_indices) > len(expected)
     trainer.save_model()
-    card = run.card_data()
+    card = card_data(run)
     assert sum(card["unlearned_sizes"].values()) == len(expected)
     assert card["never_drawn"] == len([i for i in run.state.forget_indices if str(i) not in run.state.drawn])
 
