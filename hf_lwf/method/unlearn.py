@@ -18,7 +18,8 @@ from ..distributed import (
     local_view,
     shard_indices,
 )
-from .common import batch_losses
+from .common import batch_losses  # noqa: F401 - the plain loss, imported from here by experiment scripts
+from .head import response_losses
 from .fisher import trainable_parameters
 
 
@@ -142,34 +143,51 @@ class PreconditionedAscent:
             for p in params:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if kind == "sgd":
-                    update = grad.mul(lr * self.coef)
-                else:
+                second = None
+                if kind != "sgd":
                     state = self.optimizer.state.get(p, {})
                     second = state.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq")
-                    magnitude = grad.float().abs()
-                    if second is None or "step" not in state:
-                        root = torch.zeros_like(magnitude)  # no state yet: Adam's first step, a sign-like step
-                    else:
-                        root = (second.float() / (1 - beta2 ** float(state["step"]))).sqrt_()
-                    clamped = (local_view(magnitude) > local_view(root)).sum()
-                    self.clamped = clamped if self.clamped is None else self.clamped + clamped
-                    # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
-                    denom = torch.maximum(root, magnitude).add_(eps)
-                    update = grad.float().div(denom).mul_(lr * self.coef)
-                # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it.
-                # The norm is that of the change the weights actually took (in bf16 a tiny step can round away).
-                moved = p.detach().sub(update.to(p.dtype))
-                change = local_view(moved).float() - local_view(p.detach()).float()
-                p.copy_(moved)
-                norm = change.pow(2).sum()
-                total = norm if total is None else total + norm
+                    if "step" not in state:
+                        second = None  # no state yet: Adam's first step, a sign-like step
+                    correction = 1 - beta2 ** float(state["step"]) if second is not None else 1.0
+                # this rank's elements a block at a time: the fp32 temporaries stay small next to the weights
+                weight, grad = local_view(p.detach()).view(-1), local_view(p.grad).reshape(-1)
+                second = local_view(second).reshape(-1) if second is not None else None
+                for start in range(0, weight.numel(), self.block):
+                    rows = slice(start, start + self.block)
+                    norm = self._block(weight[rows], grad[rows], None if second is None else second[rows], lr, eps,
+                                       kind, correction if kind != "sgd" else 1.0)
+                    total = norm if total is None else total + norm
         if total is None:
             return 0.0
         if is_sharded(self.groups[0][0]):
             total = all_reduce_(total)
         return float(total.sqrt())
+
+    block = 1 << 22
+    """Elements updated at once (4 Mi: 16 MiB per fp32 temporary)."""
+
+    def _block(self, weight, grad, second, lr, eps, kind, correction) -> torch.Tensor:
+        """Update a flat block of one parameter in place; returns the squared norm of the change it took."""
+        if kind == "sgd":
+            update = grad.mul(lr * self.coef)
+        else:
+            magnitude = grad.abs().float()
+            if second is None:
+                root = torch.zeros_like(magnitude)
+            else:
+                root = second.to(torch.float32, copy=True).div_(correction).sqrt_()
+            clamped = (magnitude > root).sum()
+            self.clamped = clamped if self.clamped is None else self.clamped + clamped
+            # max(sqrt(v_hat), |g|): |step| <= lambda * eta per coordinate, as Adam's own step
+            denom = torch.maximum(root, magnitude, out=root).add_(eps)
+            update = grad.to(torch.float32, copy=True).div_(denom).mul_(lr * self.coef)
+        # the loss was -coef * mean: the gradient already points down the forget loss, so subtract it.
+        # The norm is that of the change the weights actually took (in bf16 a tiny step can round away).
+        moved = weight.sub(update.to(weight.dtype))
+        change = moved.float() - weight.float()
+        weight.copy_(moved)
+        return change.pow_(2).sum()
 
 
 def check_preconditioner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -203,7 +221,7 @@ def forget_batch_losses(
     stats = torch.zeros(3, device=collective_device(input_device(model)))  # loss sum, kept count, non-finite flag
     kept_losses = None
     if mine:
-        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
+        losses = response_losses(model, {k: v[mine] for k, v in batch.items()})
         finite = torch.isfinite(losses)
         stats[0] = losses.detach()[finite].sum()
         stats[2] = float(not bool(finite.all()))
