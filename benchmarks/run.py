@@ -111,14 +111,25 @@ WORKLOADS = {  # samples, batch, prompt/response tokens, repeats
 }
 
 
+def clock_kind() -> str:
+    """Wall time on a GPU or with several threads; on the CPU with one torch thread, the process's CPU time: the
+    machine is shared, and wall time there includes the time spent waiting for a core (ratios of wall times moved
+    by 20 % between runs)."""
+    return "wall" if torch.cuda.is_available() or torch.get_num_threads() > 1 else "process CPU time"
+
+
+def clock() -> float:
+    return time.perf_counter() if clock_kind() == "wall" else time.process_time()
+
+
 def timed(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved(fns: dict, repeats: int, warmup=None) -> dict[str, float]:
@@ -207,6 +218,7 @@ def bench_scoring(model, tokenizer, w) -> dict:
     fb, lm = t["forward_backward"], t["lm_forward_backward"]
     out = {
         "workload": f"{w['samples']} samples of ~{w['prompt'] + w['response']} tokens, batch {w['batch']}",
+        "timer": clock_kind(),
         "trainable_parameters": sum(p.numel() for p in trainable_parameters(model).values()),
         "seconds": {k: round(v, 4) for k, v in t.items()},
         "deviation_over_forward_backward": t["deviation"] / fb,
@@ -470,9 +482,23 @@ def memory_child(model_name: str, kind: str, steps: int, every: int) -> None:
                   data_collator=collator(tokenizer), processing_class=tokenizer)
     trainer.train()
     trainable = sum(p.numel() * p.element_size() for p in trainable_parameters(model).values())
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss()
     print("MEMORY_JSON " + json.dumps({"peak_bytes": peak, "trainable_bytes": trainable}), flush=True)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``ru_maxrss``: Linux carries it across ``fork`` and ``exec``, so a child started by a runner that held a
+    model reports the runner's peak when its own is lower (both children once reported the same 4.59 GB)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_memory(model_name: str, steps: int = 12, every: int = 6) -> dict:
@@ -576,7 +602,8 @@ def markdown(all_results: dict[str, dict]) -> str:
             if "scoring" in r:
                 s = r["scoring"]
                 details.append(f"scoring workload: {s['workload']}, {s['trainable_parameters'] / 1e6:.2f}M trainable "
-                               f"parameters; seconds: " + ", ".join(f"{k} {v:.3g}" for k, v in s["seconds"].items()))
+                               f"parameters; seconds ({s.get('timer', 'wall')}): "
+                               + ", ".join(f"{k} {v:.3g}" for k, v in s["seconds"].items()))
             if "generation" in r:
                 g = r["generation"]
                 details.append(f"generation: {g['prompts']} prompts, batch {g['batch']}, {g['new_tokens']} new tokens; "

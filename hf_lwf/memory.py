@@ -27,6 +27,9 @@ def activation_bytes_per_token(config: Any) -> int:
 
 
 LOGIT_BYTES = 16  # per logit at the loss backward: bf16 logits, their fp32 upcast, the saved log-softmax, its gradient
+SCORE_LOGIT_BYTES = 10  # per logit of one chunk of the scoring loss: fp32 logits, logsumexp's fp32 temporary, a 16-bit copy
+LAYER_BLOCK_BYTES = 5  # per number of a layer's per-sample row block: the fp32 block, its w and M*F (batch >= 8)
+HEAD_BLOCK_BYTES = 11  # per number of an output-layer block: its fp32 logits, their 16-bit copy, the block, w and M*F
 
 
 def pass_bytes(config: Any, tokens: int, labelled_tokens: int | None = None) -> int:
@@ -45,20 +48,28 @@ def predict_added_bytes(
     score_batch: int = 8,
     score_tokens: int,
     score_chunk_elements: int = 1 << 25,
+    score_loss_chunk_elements: int = 1 << 26,
     state_on_device: bool = True,
 ) -> dict[str, int]:
     """Bytes LWF adds to the peak device memory, by part.
 
     ``trainable``: trainable parameters N (all weights, or the adapters); ``weight_bytes``: their element size
     (theta_ref is kept in it; gradients too); ``learning_tokens``: tokens of one learning micro-batch;
-    ``score_batch`` x ``score_tokens``: one scoring batch (its longest row); ``state_on_device=False``
+    ``score_batch`` x ``score_tokens``: one scoring batch (its longest row), whose loss forms at most
+    ``score_loss_chunk_elements`` logits at a time (:mod:`hf_lwf.method.head`; none when every row's tokens are fewer)
+    and whose per-sample gradients at most ``score_chunk_elements`` numbers at a time; ``state_on_device=False``
     (``lwf_state_device='cpu'``): F and theta_ref live on the host and are staged on the device for a scoring round
     only, so they count at the point and not during learning steps.
     """
     state = trainable * (fisher_bytes + weight_bytes)
     gradients = trainable * weight_bytes
     learning = gradients + pass_bytes(config, learning_tokens)
-    scoring = pass_bytes(config, score_batch * score_tokens) + 4 * score_chunk_elements
+    tokens = score_batch * score_tokens
+    activations = tokens * activation_bytes_per_token(config)
+    # the forward's end (activations and one chunk of the loss), a layer's block in the backward, and the output
+    # layer's blocks, formed after the backward has released the activations
+    scoring = max(activations + SCORE_LOGIT_BYTES * min(score_loss_chunk_elements, tokens * config.vocab_size),
+                  activations + LAYER_BLOCK_BYTES * score_chunk_elements, HEAD_BLOCK_BYTES * score_chunk_elements)
     point = scoring + (0 if state_on_device else state)
     extra = max(0, point - learning)
     return {"state": state if state_on_device else 0, "learning_transient": learning, "point_transient": point,

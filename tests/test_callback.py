@@ -130,8 +130,8 @@ def test_ascent_raises_forget_loss_while_learning_loss_falls(tokenizer, tmp_path
 def test_non_finite_ascent_loss_is_skipped_and_weights_stay_finite(tokenizer, tmp_path, monkeypatch):
     import hf_lwf.method.unlearn as unlearn
 
-    original = unlearn.batch_losses
-    monkeypatch.setattr(unlearn, "batch_losses", lambda model, batch: original(model, batch) * float("nan"))
+    original = unlearn.response_losses
+    monkeypatch.setattr(unlearn, "response_losses", lambda model, batch: original(model, batch) * float("nan"))
     trainer = _trainer(tokenizer, lwf_args(tmp_path))
     before = _flat(trainer.model).clone()
     trainer.train()

@@ -368,11 +368,29 @@ def test_a_checkpoint_of_hf_lwf_0_1_0_resumes_exactly(tokenizer, tmp_path):
     trainer = LWFTrainer(model=tiny_llama(len(tokenizer)), args=lwf_args(out, **LEGACY_ARGS),
                          train_dataset=learning_dataset(tokenizer), processing_class=tokenizer,
                          data_collator=lm_collator(tokenizer))
-    trainer.train(resume_from_checkpoint=True)
-    expected = load_file(fixture / "final_weights.safetensors")
+    restored = {}
+    original = LWFRun.start
+
+    def spy(self, **kwargs):  # the state as restored, before any further step
+        original(self, **kwargs)
+        restored.update(fisher={n: t.clone() for n, t in self.state.fisher.items()}, d_u=list(self.state.forget_indices),
+                        sampler=dict(self.state.sampler), points=self.state.unlearn_points)
+
+    LWFRun.start = spy
+    try:
+        trainer.train(resume_from_checkpoint=True)
+    finally:
+        LWFRun.start = original
+    saved = LWFState.load(str(fixture / "checkpoint-4"))
+    assert restored["points"] == saved.unlearn_points == 2 and restored["d_u"] == saved.forget_indices
+    assert restored["sampler"] == saved.sampler
+    assert all(torch.equal(restored["fisher"][n], saved.fisher[n]) for n in saved.fisher)
     assert trainer.lwf_callback.lwf_state.unlearn_points == 3
+    # The rest of the run is recomputed by today's code, whose loss over the response tokens is computed in vocabulary
+    # chunks: the same numbers up to float rounding.
+    expected = load_file(fixture / "final_weights.safetensors")
     for name, p in trainer.model.named_parameters():
-        assert torch.equal(p.detach(), expected[name]), name
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------ hf_lwf.checkpoint, unit by unit

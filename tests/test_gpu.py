@@ -177,3 +177,45 @@ def test_two_gpu_nccl_runs_keep_ranks_identical(tmp_path, mode):
 def test_two_gpu_fsdp2_with_cpu_offload_is_refused_with_a_message(tmp_path):
     ranks = _torchrun(tmp_path, "fsdp_offload")
     assert all("does not support FSDP2 with CPU offloading" in r["refused"] for r in ranks)
+
+
+def test_bf16_scoring_on_the_gpu_uses_16_bit_contractions_and_matches_fp64(tokenizer):
+    """bf16 weights on CUDA: the per-sample contractions take 16-bit operands with fp32 output (tensor cores), a(x)
+    and n(x) of a block come from one compiled reduction, the output layer's loss runs over token chunks; the scores
+    agree with plain per-sample autograd of the same weights in fp64 as closely as on the CPU."""
+    import copy
+
+    import hf_lwf.method.common as common
+    import hf_lwf.method.persample as persample
+    from hf_lwf.method.common import batch_losses
+    from hf_lwf.method.confidence import batch_confidence, reference_confidence
+    from hf_lwf.method.fisher import ScoringTerms
+    from hf_lwf.method.head import linear_head, response_losses
+    from hf_lwf.method.selfgen import collate_self_data, encode_prompt
+    from conftest import FORGET_PROMPTS
+
+    assert common._native_f32_output(torch.device("cuda"))
+    model = tiny_llama(len(tokenizer), seed=11).to("cuda", torch.bfloat16).eval()
+    rows = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": r}
+            for p, r in zip(FORGET_PROMPTS, [[40, 41, 42, 1], [50, 51], [60, 61, 62, 63, 64, 65, 1], [70, 40, 40]])]
+    batch = {k: v.cuda() for k, v in collate_self_data(rows, tokenizer.pad_token_id).items()}
+    assert linear_head(model, batch) is model.lm_head
+    torch.testing.assert_close(response_losses(model, batch), batch_losses(model, batch).float(), rtol=2e-2, atol=2e-2)
+    g = torch.Generator().manual_seed(5)
+    params = trainable_parameters(model)
+    direction = {k: torch.randn(p.shape, generator=g).cuda() for k, p in params.items()}
+    curvature = {k: torch.rand(p.shape, generator=g).cuda() for k, p in params.items()}
+    a, n = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature))
+    assert persample._FUSED.get("fn") not in (None, False)  # the compiled reduction ran
+    a_only, _ = batch_confidence(model, batch, ScoringTerms.explicit(direction, curvature), norms=False)
+    wide = copy.deepcopy(model).cpu().double()
+    cpu_batch = {k: v.cpu() for k, v in batch.items()}
+    direction = {k: v.cpu().double() for k, v in direction.items()}
+    curvature = {k: v.cpu().double() for k, v in curvature.items()}
+    a_ref = reference_confidence(wide, cpu_batch, direction, curvature, 1.0, "alignment")
+    n_ref = (reference_confidence(wide, cpu_batch, direction, curvature, 1.0, "deviation") - a_ref) * 2
+
+    def error(x, ref):
+        return float((x.cpu().double() - ref).abs().max() / ref.abs().max())
+
+    assert error(a, a_ref) <= 1.5e-2 and error(a_only, a_ref) <= 1.5e-2 and error(n, n_ref) <= 4e-3

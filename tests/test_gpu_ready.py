@@ -339,8 +339,10 @@ def test_zero3_empirical_fisher_forms_at_most_lwf_fisher_batch_size_logits(token
     for p in model.parameters():
         del p.ds_id, p.ds_tensor, p.ds_numel, p.ds_shape
     whole, _ = empirical_fisher(model, examples, batch_size=6, chunk_elements=256, with_mean=False)
+    # the unsharded pass takes the output layer over token chunks, the ZeRO-3 one the plain logits: the same
+    # numbers up to fp32 rounding of the loss's gradient (entries near zero differ relatively, not absolutely)
     for name, f in whole.items():
-        assert torch.allclose(fisher[name], f.reshape(-1), rtol=1e-5, atol=1e-12 * float(f.abs().max())), name
+        assert torch.allclose(fisher[name], f.reshape(-1), rtol=1e-5, atol=1e-7 * float(f.abs().max())), name
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -1,5 +1,5 @@
-"""What every step of the method shares: the response loss, the tensor-dict type, and the switches a scoring pass
-puts around a model (eager attention, no input-grad hooks)."""
+"""What every step of the method shares: the response loss, the tensor-dict type, fp32-output matmuls of 16-bit
+tensors, and the switches a scoring pass puts around a model (eager attention, no input-grad hooks)."""
 
 import contextlib
 
@@ -8,6 +8,59 @@ import torch.nn.functional as F
 
 
 TensorDict = dict[str, torch.Tensor]
+
+_HALF = (torch.bfloat16, torch.float16)
+_NATIVE_F32_OUTPUT: dict[str, bool] = {}
+
+
+def _native_f32_output(device: torch.device) -> bool:
+    """Whether ``torch.mm``/``torch.bmm`` take ``out_dtype=torch.float32`` for 16-bit inputs on ``device`` (CUDA in
+    torch 2.13; not the CPU). Tried once per device type."""
+    kind = device.type
+    if kind not in _NATIVE_F32_OUTPUT:
+        ok = kind != "cpu"
+        if ok:
+            try:
+                probe = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
+                ok = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _NATIVE_F32_OUTPUT[kind] = ok
+    return _NATIVE_F32_OUTPUT[kind]
+
+
+def _mm_out_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The native 16-bit matmul with fp32 accumulation and output (tensor cores on a GPU)."""
+    return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D, or 3-D batched) accumulated and returned in fp32.
+
+    Two 16-bit operands of one dtype stay 16-bit where the device has an fp32-output matmul (a GPU: tensor cores,
+    no fp32 copies of the operands); elsewhere both are cast to fp32 first. A product of two 16-bit numbers is
+    exact in fp32, so both ways give the fp32-accumulated result."""
+    if a.dtype in _HALF and b.dtype == a.dtype and _native_f32_output(a.device):
+        return _mm_out_f32(a, b)
+    return (torch.bmm if a.dim() == 3 else torch.mm)(a.float(), b.float())
+
+
+def project_f32(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` in fp32 for a 16-bit or fp32 ``x`` ``[..., k]`` and an fp32 ``m`` ``[k, n]``.
+
+    With bf16 ``x`` and an fp32-output matmul, ``m`` is split into two bf16 tensors ``m = hi + lo`` (the residual
+    is below 2**-17 of ``|m|``, near fp32's own rounding) and ``x @ hi + x @ lo`` runs as two 16-bit matmuls with fp32
+    accumulation; otherwise ``x`` is cast to fp32 (fp16 too: ``m`` such as ``w = M * F * D`` can lie below fp16's
+    range)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    if x.dtype == torch.bfloat16 and _native_f32_output(x.device):
+        hi = m.to(torch.bfloat16)
+        lo = (m - hi.float()).to(torch.bfloat16)
+        out = _mm_out_f32(flat, hi).add_(_mm_out_f32(flat, lo))
+    else:
+        out = flat.float() @ m.float()
+    return out.reshape(*shape[:-1], m.shape[-1])
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

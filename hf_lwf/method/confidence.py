@@ -89,7 +89,7 @@ def batch_confidence(
     params = trainable_parameters(model)
     device = batch["input_ids"].device
     consumer = ScoreConsumer(terms, batch["input_ids"].shape[0], device, norms=norms)
-    per_sample_pass(model, batch, consumer, batch_losses, params, chunk_elements, loss_scale=loss_scale)
+    per_sample_pass(model, batch, consumer, None, params, chunk_elements, loss_scale=loss_scale)
     if loss_scale != 1.0:
         consumer.a.div_(loss_scale)
         consumer.n.div_(loss_scale**2)

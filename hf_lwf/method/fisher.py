@@ -22,7 +22,7 @@ from ..distributed import (
     reshard,
     shard_indices,
 )
-from .common import TensorDict, sequence_losses
+from .common import TensorDict
 from .persample import DEFAULT_CHUNK_ELEMENTS, FisherConsumer, per_sample_pass
 
 
@@ -304,10 +304,6 @@ def empirical_fisher(
     sharded = is_sharded(params.values()) or consumer is not None
     mine = examples if sharded else [examples[i] for i in shard_indices(len(examples))]
 
-    def losses(m, batch):
-        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return sequence_losses(logits, batch["labels"])
-
     scale = float(loss_scale)
     while True:
         sink = consumer() if consumer is not None else FisherConsumer(params, with_mean=with_mean)
@@ -316,7 +312,7 @@ def empirical_fisher(
         try:
             for start in range(0, len(mine), batch_size):
                 batch = pad_examples(mine[start : start + batch_size])
-                per_sample_pass(model, batch, sink, losses, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+                per_sample_pass(model, batch, sink, None, params, chunk_elements or DEFAULT_CHUNK_ELEMENTS,
                                 loss_scale=scale)
         finally:
             model.zero_grad(set_to_none=True)
@@ -655,9 +651,10 @@ class ScoringTerms:
             f = f * self._scale
         if self._delta is not None:
             d = local_view(self._delta[name], rows).to(device=device, dtype=torch.float32)
-        else:
-            d = param.float() - local_view(self._reference[name], rows).to(device=device, dtype=torch.float32)
-        return f, f * d
+            return f, f * d
+        # in place on one fp32 copy of the weights: D = theta - theta_ref, then F * D (fewer kernels and buffers)
+        d = param.to(dtype=torch.float32, copy=True)
+        return f, d.sub_(local_view(self._reference[name], rows).to(device=device)).mul_(f)
 
     def mask(self, name: str, rows: slice | None = None) -> torch.Tensor | None:
         """M of ``param[rows]`` (bool; this rank's shard when ``rows`` is None), or None without a mask."""

@@ -11,6 +11,11 @@ gradients, layer by layer:
 * ``transformers``' ``Conv1D`` (GPT-2, transposed weight): ``G_x = sum_t a_t b_t^T``.
 * ``nn.Embedding``: rows of the sample's tokens, ``G_x[v] = sum_{t: id_t = v} b_t`` (``padding_idx`` excluded),
   times ``s`` for a subclass whose output is ``s * lookup`` (Gemma's ``embed_scale``).
+* the output layer, when the loss is the response loss (``loss_fn=None``) and the model's output layer allows it
+  (:mod:`hf_lwf.method.head`): the layer runs on an empty sequence, the loss forms the logits of the labelled
+  tokens a chunk at a time, and ``G_x[rows] = sum_t b_t[rows] h_t^T`` is formed per block of rows with the logits'
+  gradient ``b_t[rows]`` recomputed from the kept log-sum-exp (:class:`_HeadRecord`): no ``[batch, tokens, vocab]``
+  tensor, and prompt and padding positions cost nothing.
 * ``nn.LayerNorm``: weight ``sum_t b_t * xhat_t``, bias ``sum_t b_t``; Llama-style ``*RMSNorm`` the same.
 * anything else: ``torch.func.vmap`` of the gradient of ``<module(a_x), b_x>`` with respect to the module's own
   parameters (every argument whose first dimension is the batch split per sample), or, if that transform
@@ -25,8 +30,14 @@ flattened tokens (OPT's ``[batch * tokens, hidden]``) keeps its rule once one ex
 loss has shown its rows grouped by sample. After the pass every wanted parameter must have received its
 contribution, or the pass raises.
 
-The per-sample gradient of a weight is formed in chunks of rows (at most ``chunk_elements`` numbers at once),
-reduced to the per-sample scalars (or the Fisher sums) and dropped at once. A parameter used by several modules
+The per-sample gradient of a weight is formed in chunks of rows (at most ``chunk_elements`` numbers at once; on the
+CPU at most :data:`CPU_CHUNK_ELEMENTS`), reduced to the per-sample scalars (or the Fisher sums) and dropped at once.
+Its contraction takes the recorded 16-bit activations and output gradients of a 16-bit model as they are and
+accumulates in fp32 (:func:`~hf_lwf.method.common.matmul_f32`: tensor cores on a GPU, no fp32 copies; the same
+fp32 result as upcasting first, since products of 16-bit numbers are exact in fp32). A linear consumer's
+``sum_t b_t . (w a_t)`` splits the fp32 ``w`` into two bf16 halves for bf16 activations
+(:func:`~hf_lwf.method.common.project_f32`). A module call's recorded tensors are dropped as soon as its
+parameters are done, so the backward does not hold every layer's inputs and output gradients to its end. A parameter used by several modules
 (tied ``lm_head``/embedding) has one gradient per sample, the *sum* of the uses: its chunks are summed over
 uses before they are squared. Only the parameters' own per-sample gradients are formed; the autograd pass itself
 runs with the parameters frozen, so it computes input gradients only.
@@ -51,7 +62,17 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..distributed import is_sharded, local_rows, local_view
-from .common import TensorDict, without_input_require_grads
+from .common import TensorDict, batch_losses, matmul_f32, project_f32, without_input_require_grads
+from .head import (
+    Selection,
+    autocast_dtype,
+    chunked_cross_entropy,
+    head_hidden,
+    linear_head,
+    logits_f32,
+    loss_chunk_elements,
+    select_labelled,
+)
 
 
 try:  # transformers' GPT-2 style linear layer: ``y = x @ W + b`` with ``W`` of shape [in, out]
@@ -64,6 +85,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 """Default bound on the per-sample gradient numbers formed at once (32 Mi fp32 numbers, 128 MiB)."""
+CPU_CHUNK_ELEMENTS = 1 << 22
+"""The bound on the CPU, whatever is asked (4 Mi numbers, 16 MiB): a row block then stays in the cache between the
+matmul that forms it and the reductions that read it (one SmolLM2 MLP layer's pass measured 27 ms against 40 ms
+for the whole 28 MB block); on a GPU larger blocks mean fewer kernel launches."""
 
 
 class Consumer:
@@ -95,7 +120,7 @@ class Consumer:
 class _Use:
     """One call of a module during the recorded forward."""
 
-    __slots__ = ("module", "kind", "args", "kwargs", "grad", "cache", "scale", "autocast", "node", "reached")
+    __slots__ = ("module", "kind", "args", "kwargs", "grad", "cache", "scale", "autocast", "node", "reached", "open")
 
     def __init__(self, module, kind, args, kwargs, scale=1.0, autocast=None):
         self.module, self.kind, self.args, self.kwargs = module, kind, args, kwargs
@@ -105,6 +130,14 @@ class _Use:
         self.cache: dict[str, torch.Tensor] | None = None
         self.scale = scale
         self.autocast = autocast
+        self.open = 1  # parameters of this call whose per-sample gradients are not formed yet
+
+    def done(self) -> None:
+        """One of this call's parameters is finished; after the last, drop its recorded input and output gradient
+        (the backward goes on without them: the pass does not hold every layer's tensors until its end)."""
+        self.open -= 1
+        if self.open <= 0:
+            self.args = self.kwargs = self.grad = self.cache = None
 
     def release(self) -> None:
         """Drop the recorded tensors and the autograd node.
@@ -148,7 +181,43 @@ def _rms_normalized(module, x: torch.Tensor) -> torch.Tensor:
     return h.to(x.dtype)
 
 
-_ROW_KINDS = {("linear", "weight"), ("conv1d", "weight"), ("embedding", "weight")}
+_ROW_KINDS = {("linear", "weight"), ("conv1d", "weight"), ("embedding", "weight"), ("head", "weight")}
+
+
+class _HeadRecord:
+    """The output layer's part of the response loss (:mod:`hf_lwf.method.head`), kept from the forward for its
+    per-sample weight gradient: the labelled tokens' inputs, targets, loss weights (times the loss scale) and
+    log-sum-exp, padded per sample to ``[batch, width]``. ``values``: ``sum_i v_i g_{x,i}`` for a linear consumer,
+    formed in the forward from each chunk's logit gradients."""
+
+    def __init__(self, selection: Selection, batch: int, scale: float, dtype: torch.dtype | None):
+        width, device = selection.width, selection.hidden.device
+        self.dtype = dtype  # the loss's matmul dtype under an enclosing autocast: logits recomputed alike
+        index = (selection.sample, selection.slot)
+        self.hidden = selection.hidden.new_zeros(batch, width, selection.hidden.shape[-1])
+        self.hidden[index] = selection.hidden.detach()
+        self.targets = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.targets[index] = selection.targets
+        self.weight = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.weight[index] = selection.weight * scale
+        self.lse = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.index, self.width = index, width
+        self.values: torch.Tensor | None = None
+
+    def grad(self, weight: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """Per-sample gradients ``[batch, rows, hidden]`` (fp32) of ``weight[rows]``: ``sum_t b_t h_t^T`` with each
+        token's logit gradient ``b_t`` (softmax minus one-hot, times its loss weight) recomputed for these rows."""
+        start, stop = (0, weight.shape[0]) if rows is None else (rows.start, rows.stop)
+        batch, width, size = self.hidden.shape
+        hidden = self.hidden if self.dtype is None else self.hidden.to(self.dtype)
+        rows_ = weight[start:stop] if self.dtype is None else weight[start:stop].to(self.dtype)
+        logits = logits_f32(hidden.reshape(batch * width, size), rows_).view(batch, width, -1)
+        grad = logits.sub_(self.lse.unsqueeze(-1)).exp_()
+        inside = (self.targets >= start) & (self.targets < stop)
+        grad.scatter_add_(2, (self.targets - start).clamp_(0, stop - start - 1).unsqueeze(-1),
+                          -inside.to(grad.dtype).unsqueeze(-1))
+        grad.mul_(self.weight.unsqueeze(-1))  # padding slots: weight 0
+        return matmul_f32(grad.transpose(1, 2).to(hidden.dtype), hidden)
 
 
 class _Plan:
@@ -285,6 +354,8 @@ class _Capture:
         self.flat_uses: list[_Use] = []  # flattened-token calls whose class's row layout is not checked yet
         self.probing = False
         self.probed: dict[int, torch.Tensor] = {}
+        self.head: torch.nn.Module | None = None  # the output layer whose loss part is taken from the forward
+        self.head_uses: list[tuple[_Use, str, str]] = []
         self.active = False
         self.handles = []
 
@@ -308,6 +379,7 @@ class _Capture:
         for use in self.recorded:
             use.release()
         self.handles, self.uses, self.roots, self.recorded, self.flat_uses, self.probed = [], {}, [], [], [], {}
+        self.head_uses = []
 
     def describe(self, name: str) -> str:
         modules = self.owners.get(name) or []
@@ -341,6 +413,8 @@ class _Capture:
     def _record(self, module, args, kwargs, output):
         for _, name in self.owned[module]:
             self.called.add(name)
+        if module is self.head:  # called on an empty sequence: its part comes from the chunked loss
+            return None
         batch, replaced = self.batch_size, None
         if not isinstance(output, torch.Tensor) or output.dim() == 0:
             self._unsupported(module, "does not return one tensor")
@@ -388,6 +462,7 @@ class _Capture:
                 return None
             kind = "generic"
         use = _Use(module, kind, args, kwargs, scale, _autocast_state(output.device))
+        use.open = len(self.owned[module])
         if flat and type(module) not in self.plan.flat:
             self.flat_uses.append(use)
         for _, name in self.owned[module]:
@@ -508,6 +583,45 @@ class _Capture:
         if self.new_exact:
             raise _Restart
 
+    def head_losses(self, model, batch: dict[str, torch.Tensor], head: torch.nn.Linear, loss_scale: float
+                    ) -> torch.Tensor:
+        """The response losses with the output layer's part over token chunks (:mod:`hf_lwf.method.head`); records
+        that part for the output layer's weight (one use, finished with the other uses of a tied weight)."""
+        self.head = head
+        hidden = head_hidden(model, batch, head)
+        self.active = False  # the loss's own use of the weight is not a use outside the module
+        try:
+            selection = select_labelled(hidden, batch["labels"])
+            name = self.name_of.get(id(head.weight))
+            local = next((loc for loc, n in self.owned.get(head, []) if n == name), None)
+            record = (_HeadRecord(selection, self.batch_size, loss_scale, autocast_dtype(hidden.device))
+                      if local is not None else None)
+            on_chunk = None
+            if record is not None and self.consumer.linear:
+                v = self.consumer.direction(name, self.own[name])
+                if v is not None:
+                    record.values = torch.zeros(self.batch_size, dtype=torch.float32, device=hidden.device)
+                    inputs = selection.hidden.detach()
+
+                    def on_chunk(rows, grad):  # sum_t b_t . (v h_t): no per-sample gradient of the weight
+                        projected = project_f32(inputs[rows] if record.dtype is None else inputs[rows].to(record.dtype),
+                                                v.t())
+                        record.values.index_add_(0, selection.sample[rows], (grad * projected).sum(1) * loss_scale)
+
+            stats: dict[str, torch.Tensor] = {}
+            losses = chunked_cross_entropy(selection, head.weight, loss_chunk_elements(hidden.device), unit=True,
+                                           grad_scale=loss_scale, on_chunk=on_chunk, stats=stats)
+            if record is not None:
+                record.lse[record.index] = stats["lse"]
+                use = _Use(head, "head", (record,), {})
+                use.grad, use.reached = record.weight, True  # stands for the logits' gradient, formed per row block
+                self.uses[name].append(use)
+                self.recorded.append(use)
+                self.head_uses.append((use, local, name))
+            return losses
+        finally:
+            self.active = True
+
     def _backward_hook(self, use: _Use, grad_output: torch.Tensor) -> None:
         if not self.active:  # the exact path's per-sample backwards pass through the hooked outputs too
             return
@@ -546,6 +660,9 @@ class _Capture:
                     f"Per-sample gradients: the output of '{self.module_names[module]}' ({type(module).__name__}) "
                     "is on the loss's graph but the backward did not reach it (a tensor that requires grad outside "
                     "the parameters?); its per-sample gradients would be silently zero.")
+        if self.consumer.linear:
+            for use, local, name in self.head_uses:
+                self._linear(use, local, name)
         for name in list(self.uses):
             if self.uses[name]:
                 if not self.consumer.linear:
@@ -555,8 +672,16 @@ class _Capture:
 
     # ------------------------------------------------------------------------------------ per-sample math
     def _finish(self, name: str) -> None:
-        uses = [u for u in self.uses.pop(name) if u.grad is not None]
+        every = self.uses.pop(name)
         self.uses[name] = []
+        try:
+            self._form(name, [u for u in every if u.grad is not None])
+        finally:
+            for use in every:
+                use.done()
+
+    def _form(self, name: str, uses: list[_Use]) -> None:
+        """Feed the consumer the per-sample gradients of ``name``, the sum over its ``uses``, in row blocks."""
         self.handled.add(name)  # no use with a gradient: no output reached the loss, the gradient is zero
         if not uses:
             return
@@ -575,6 +700,8 @@ class _Capture:
             return
         batch = self.batch_size
         row_numel = math.prod(shape[1:])
+        # an output layer's row block also holds its logits [batch, width, rows]
+        row_numel = max([row_numel] + [u.args[0].width for u in uses if u.kind == "head"])
         step = max(1, self.chunk_elements // max(1, batch * row_numel))
         first, last = (0, shape[0]) if own is None else (own.start, own.stop)
         # Dense uses first; embedding rows are then added into their block in place (no dense copy of their own).
@@ -601,14 +728,17 @@ class _Capture:
         batch = self.batch_size
         b = use.grad
         x = use.args[0]
+        if use.kind == "head":
+            return x.grad(getattr(use.module, local).detach(), rows)
         if use.kind in ("linear", "conv1d"):
             b = b.reshape(batch, -1, b.shape[-1])
             if local == "bias":
                 return b.float().sum(1)
             a = x.reshape(batch, -1, x.shape[-1])
+            # 16-bit activations and output gradients stay 16-bit, accumulated in fp32 (tensor cores on a GPU)
             if use.kind == "linear":  # weight [out, in]: rows are output features
-                return torch.bmm((b if rows is None else b[..., rows]).float().transpose(1, 2), a.float())
-            return torch.bmm((a if rows is None else a[..., rows]).float().transpose(1, 2), b.float())  # Conv1D
+                return matmul_f32((b if rows is None else b[..., rows]).transpose(1, 2), a)
+            return matmul_f32((a if rows is None else a[..., rows]).transpose(1, 2), b)  # Conv1D
         if use.kind == "embedding":
             return self._embedding_grad(use, b, rows)
         if use.kind == "layernorm":
@@ -635,10 +765,9 @@ class _Capture:
         sample = torch.arange(self.batch_size, device=ids.device).unsqueeze(1).expand_as(ids)
         if out is None:
             out = torch.zeros(self.batch_size, stop - start, b.shape[-1], dtype=torch.float32, device=b.device)
-        values = b[keep].float()
-        if use.scale != 1.0:
-            values = values * use.scale
-        out.index_put_((sample[keep], ids[keep] - start), values.to(out.dtype), accumulate=True)
+        # every token adds its row, zero outside these rows: no boolean indexing (a device-to-host sync per block)
+        values = b * (keep * use.scale).unsqueeze(-1)  # fp32 (keep * scale is), never in place on the gradient
+        out.index_put_((sample, (ids - start).clamp_(0, stop - start - 1)), values.to(out.dtype), accumulate=True)
         return out
 
     def _generic_grad(self, use: _Use, local: str) -> torch.Tensor:
@@ -653,6 +782,10 @@ class _Capture:
         Under FSDP ``v`` covers this rank's rows only, and so does the sum."""
         consumer, batch, own = self.consumer, self.batch_size, self.own[name]
         self.handled.add(name)
+        if use.kind == "head":  # formed in the forward
+            if use.args[0].values is not None:
+                consumer.add_linear(name, use.args[0].values)
+            return
         if own is not None and own.start == own.stop:
             return
         v = consumer.direction(name, own)
@@ -672,14 +805,17 @@ class _Capture:
                 values = (rows * b.float().reshape(batch, -1, b.shape[-1])).sum((1, 2)) * use.scale
             else:
                 x = use.args[0]
-                a = x.reshape(batch, -1, x.shape[-1]).to(v.dtype)
+                a = x.reshape(batch, -1, x.shape[-1])
                 b = b.reshape(batch, -1, b.shape[-1])
                 if use.kind == "linear":  # weight [out, in]: the shard holds output rows
-                    projected = a @ v.t()
                     b = b if own is None else b[..., own]
-                else:  # Conv1D weight [in, out]: the shard holds input rows
-                    projected = (a if own is None else a[..., own]) @ v
-                values = (projected * b.to(v.dtype)).sum((1, 2))
+                else:  # Conv1D weight [in, out]: the shard holds input rows; b_t . (v a_t) with the roles swapped
+                    a, b = b, (a if own is None else a[..., own])
+                # b_t . (v a_t), projected through v on the narrower side (fewer fp32 numbers to multiply)
+                if v.shape[0] >= v.shape[1]:
+                    values = (project_f32(b, v) * a).sum((1, 2))
+                else:
+                    values = (project_f32(a, v.t()) * b).sum((1, 2))
             consumer.add_linear(name, values.float())
             return
         g = self._grad(use, local, None)
@@ -777,10 +913,16 @@ def _per_sample_loop(module, locals_, use: _Use, batch: int, project: dict[str, 
                 if project is None:
                     out[n].append(g)
                 else:
-                    values[i] += float((g.double() * project[n].double()).sum())
+                    values[i] += _dot64(g, project[n])
     if project is not None:
         return values
     return {n: torch.stack(v) for n, v in out.items()}
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 20) -> float:
+    """``sum(a * b)`` accumulated in fp64, a block at a time (no fp64 copy of a whole embedding-sized tensor)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(sum(torch.dot(a[s : s + block].double(), b[s : s + block].double()) for s in range(0, a.numel(), block)))
 
 
 @contextlib.contextmanager
@@ -800,13 +942,17 @@ def per_sample_pass(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     consumer: Consumer,
-    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None,
     params: dict[str, torch.nn.Parameter],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """One forward+backward of ``sum_x loss_fn(model, batch)[x]`` feeding the per-sample gradients of ``params``
     to ``consumer``. Returns the per-sample losses. The caller chooses train/eval mode.
+
+    ``loss_fn=None``: the response loss of ``batch["labels"]`` (:func:`~hf_lwf.method.head.response_losses`), whose
+    output-layer part runs over token chunks and gives the output layer's per-sample gradients in row blocks
+    without the ``[batch, tokens, vocab]`` logits or their gradient (:class:`_HeadRecord`).
 
     The first pass over a model checks each module class's rule against exact per-sample autograd and watches how
     every wanted parameter is used (:class:`_Plan`); parameters no module-level path covers take the exact path.
@@ -828,6 +974,8 @@ def per_sample_pass(
 def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_elements: int,
           loss_scale: float = 1.0) -> torch.Tensor:
     batch_size = batch["input_ids"].shape[0]
+    if batch["input_ids"].device.type == "cpu":
+        chunk_elements = min(chunk_elements, CPU_CHUNK_ELEMENTS)
     # Under ZeRO-3 DeepSpeed's own hooks gather and release every parameter around its module's call, so the
     # first-pass watch cannot tell a direct use from theirs: the rules are trusted there, as under FSDP.
     watch = not set(wanted) <= plan.seen and not any(_zero3(p) for p in wanted.values())
@@ -841,9 +989,13 @@ def _pass(model, batch, consumer, loss_fn, params, wanted, plan: _Plan, chunk_el
             "one device, or freeze these parameters.")
     frozen = [p for n, p in params.items() if n not in exact]
     mode = _DirectUses(capture) if watch else contextlib.nullcontext()
+    head = linear_head(model, batch) if loss_fn is None else None
     with without_input_require_grads(model), _frozen(frozen), torch.enable_grad(), capture:
         with mode:
-            losses = loss_fn(model, batch)
+            if head is not None:
+                losses = capture.head_losses(model, batch, head, loss_scale)
+            else:
+                losses = (loss_fn or batch_losses)(model, batch)
         if watch:
             for name in wanted:
                 if name in plan.exact:
@@ -946,17 +1098,62 @@ class ScoreConsumer(Consumer):
         w, fm = self.terms.chunk(name, rows)
         flat = grads.reshape(grads.shape[0], -1)
         a, n = (self.a, self.n) if sample is None else (self.a[sample : sample + 1], self.n[sample : sample + 1])
-        if w is not None:  # .to: a layer on another GPU than the batch (device_map) adds a partial sum here
-            a.add_((flat @ w.reshape(-1)).to(a.device))
+        if not self.linear and w is not None and fm is not None and _fuse(flat):
+            sums = _fused_score_sums(flat, w.reshape(-1), fm.reshape(-1))
+            if sums is not None:
+                a.add_(sums[0].to(a.device))
+                n.add_(sums[1].to(n.device))
+                return
+        if w is not None:  # a layer on another GPU than the batch (device_map) adds a partial sum here
+            _add_mv(a, flat, w.reshape(-1))
         if not self.linear and fm is not None:
             flat.square_()
-            n.add_((flat @ fm.reshape(-1)).to(n.device))
+            _add_mv(n, flat, fm.reshape(-1))
 
     def direction(self, name, rows):
         return self.terms.chunk(name, rows)[0]
 
     def add_linear(self, name, values):
         self.a += values.to(self.a.device)
+
+
+FUSE_SUMS = "cuda"
+"""The device type on which a(x) and n(x) of a row block come from one compiled kernel that reads the block once
+(:func:`_fused_score_sums`); None: never. Eager, the block is read three times (``addmv``, ``square_``, ``addmv``):
+on a GPU, where the block is fp32 ``[batch, rows, in]`` written by a tensor-core matmul, those passes cost more than
+the matmul. The CPU keeps eager kernels (no compiler needed; its blocks stay in the cache anyway)."""
+_FUSED: dict = {}
+
+
+def _fuse(block: torch.Tensor) -> bool:
+    return FUSE_SUMS is not None and block.device.type == FUSE_SUMS and _FUSED.get("fn") is not False
+
+
+def _score_sums(block: torch.Tensor, w: torch.Tensor, fm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block @ w, block**2 @ fm)`` for a ``[batch, k]`` block: its samples' parts of a(x) and n(x)."""
+    return (block * w).sum(1), (block * block * fm).sum(1)
+
+
+def _fused_score_sums(block, w, fm) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`_score_sums` compiled (``torch.compile``, dynamic shapes: one kernel for every block); None once
+    compiling or running it has failed (logged once; the eager kernels take over)."""
+    try:
+        if "fn" not in _FUSED:
+            _FUSED["fn"] = torch.compile(_score_sums, dynamic=True, fullgraph=True)
+        return _FUSED["fn"](block, w, fm)
+    except Exception as error:  # noqa: BLE001 - any compile or run failure: the eager path, for the whole process
+        _FUSED["fn"] = False
+        logger.warning(f"Per-sample gradients: the compiled a(x)/n(x) reduction failed ({error!r}); eager kernels "
+                       "read each block three times instead.")
+        return None
+
+
+def _add_mv(out: torch.Tensor, matrix: torch.Tensor, vector: torch.Tensor) -> None:
+    """``out += matrix @ vector`` (one fused kernel when all three share a device)."""
+    if out.device == matrix.device:
+        out.addmv_(matrix, vector)
+    else:
+        out.add_((matrix @ vector).to(out.device))
 
 
 class FisherConsumer(Consumer):

@@ -18,7 +18,8 @@ from ..distributed import (
     local_view,
     shard_indices,
 )
-from .common import batch_losses
+from .common import batch_losses  # noqa: F401 - the plain loss, imported from here by experiment scripts
+from .head import response_losses
 from .fisher import trainable_parameters
 
 
@@ -142,24 +143,32 @@ class PreconditionedAscent:
             for p in params:
                 if p.grad is None:
                     continue
-                grad = local_view(p.grad)
-                if kind == "sgd":
-                    update, clamped = grad.mul(lr * self.coef), None
-                else:
+                second, step = None, 0.0
+                if kind != "sgd":
                     state = self.optimizer.state.get(p, {})
                     second = state.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq")
                     step = float(state["step"]) if second is not None and "step" in state else 0.0
-                    update, clamped = preconditioned_update(grad, None if second is None else local_view(second),
-                                                            step, beta2=beta2, eps=eps, lr=lr, coef=self.coef)
-                if clamped is not None:
-                    self.clamped = clamped if self.clamped is None else self.clamped + clamped
-                norm = apply_update_(local_view(p.detach()), update).pow(2).sum()
-                total = norm if total is None else total + norm
+                # this rank's elements a block at a time: the fp32 temporaries stay small next to the weights
+                weight, grad = local_view(p.detach()).view(-1), local_view(p.grad).reshape(-1)
+                second = local_view(second).reshape(-1) if second is not None and step > 0 else None
+                for start in range(0, weight.numel(), self.block):
+                    rows = slice(start, start + self.block)
+                    if kind == "sgd":
+                        update = grad[rows].mul(lr * self.coef)
+                    else:
+                        update, clamped = preconditioned_update(grad[rows], None if second is None else second[rows],
+                                                                step, beta2=beta2, eps=eps, lr=lr, coef=self.coef)
+                        self.clamped = clamped if self.clamped is None else self.clamped + clamped
+                    norm = apply_update_(weight[rows], update).pow_(2).sum()
+                    total = norm if total is None else total + norm
         if total is None:
             return 0.0
         if is_sharded(self.groups[0][0]):
             total = all_reduce_(total)
         return float(total.sqrt())
+
+    block = 1 << 22
+    """Elements updated at once (4 Mi: 16 MiB per fp32 temporary)."""
 
 
 def preconditioned_update(grad: torch.Tensor, second: torch.Tensor | None, step: float, *, beta2: float, eps: float,
@@ -222,7 +231,7 @@ def forget_batch_losses(
     stats = torch.zeros(3 + size, device=collective_device(input_device(model)))
     kept_losses = None
     if mine:
-        losses = batch_losses(model, {k: v[mine] for k, v in batch.items()})
+        losses = response_losses(model, {k: v[mine] for k, v in batch.items()})
         finite = torch.isfinite(losses)
         stats[0] = losses.detach()[finite].sum()
         stats[2] = float(not bool(finite.all()))
