@@ -625,11 +625,61 @@ def markdown(all_results: dict[str, dict]) -> str:
                 lines.append("")
         if result.get("notes"):
             lines += [result["notes"], ""]
+        if result.get("scale"):
+            lines += scale_markdown(result["scale"])
     notes_path = os.path.join(HERE, "NOTES.md")
     if os.path.isfile(notes_path):
         with open(notes_path, encoding="utf-8") as handle:
             lines += [handle.read().strip(), ""]
     return "\n".join(lines)
+
+
+SCALE_ROWS = [  # (label, path in a model's gpu_scale results, target, format)
+    ("trainable parameters", ("trainable_parameters",), None, "{:,.0f}"),
+    ("per-step overhead, online Fisher (interleaved steps)", ("step", "overhead"), 0.02, "{:+.1%}"),
+    ("per-step overhead, Trainer (LWF against vanilla run)", ("trainer_overhead",), 0.02, "{:+.1%}"),
+    ("`deviation` scoring / forward+backward", ("scoring", "deviation_over_forward_backward"), 1.3, "{:.2f}x"),
+    ("`alignment` scoring / forward+backward", ("scoring", "alignment_over_forward_backward"), 1.1, "{:.2f}x"),
+    ("empirical Fisher / forward+backward", ("scoring", "empirical_fisher_over_forward_backward"), None, "{:.2f}x"),
+    ("self-generation, tokens/s", ("generation", "tokens_per_second"), None, "{:,.0f}"),
+    ("peak memory, vanilla", ("memory", "peak_vanilla_bytes"), None, "bytes"),
+    ("peak memory, LWF", ("memory", "peak_lwf_bytes"), None, "bytes"),
+    ("LWF's added peak / memory model's prediction", ("memory", "added_over_predicted"), None, "{:.4f}"),
+]
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    """The ``benchmarks/gpu_scale.py`` table of one machine (models at the sizes users train)."""
+    models = list(scale["models"])
+    lines = [f"### At scale (`benchmarks/gpu_scale.py`, code at commit {str(scale.get('commit'))[:7]}, "
+             f"{scale['date']})", "",
+             "| figure | " + " | ".join(models) + " | target |", "|---|" + "---|" * len(models) + "---|"]
+    for label, path, target, fmt in SCALE_ROWS:
+        cells = []
+        for m in models:
+            value = _get(scale["models"][m], path)
+            if value is None:
+                cells.append("—")
+            elif fmt == "bytes":
+                cells.append(f"{value / 1e9:.2f} GB")
+            else:
+                cell = fmt.format(value)
+                if target is not None:
+                    cell += " ✓" if value <= target else " ✗"
+                cells.append(cell)
+        if all(c == "—" for c in cells):
+            continue
+        tgt = "—" if target is None else (f"≤ {target:.0%}" if target < 0.5 else f"≤ {target}x")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {tgt} |")
+    workload = next(iter(scale["models"].values())).get("workload", {})
+    lines += ["", f"Learning batches of {workload.get('batch')} x {workload.get('tokens')} tokens; models built from "
+              "configs with random weights; bf16 weights, AdamW (8B: LoRA r = 16 on q, v).", ""]
+    if scale.get("zero3_gpu_check"):
+        z = scale["zero3_gpu_check"]
+        lines += [f"DeepSpeed ZeRO-3 on this GPU (`gpu_check.py --checks zero3 --model {z['model']}`, commit "
+                  f"{z['commit'][:7]}, {z['ascent']}): {z['result']['unlearn_steps']} ascent steps applied at "
+                  f"{z['result']['unlearn_points']} points, weights {z['result']['weights']}.", ""]
+    return lines
 
 
 def write_report(results_dir: str, docs_path: str) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,25 @@ def test_gpu_check_model_flag_reaches_the_model_loader(monkeypatch):
     assert os.environ["HF_LWF_GPU_CHECK_MODEL"] == "tiny"
     model, tokenizer = gpu_check._model(dry=False)
     assert model.config.hidden_size == 64 and model.dtype == gpu_check.torch.bfloat16
+
+
+def test_gpu_scale_dry_run_records_every_field(tmp_path):
+    """``benchmarks/gpu_scale.py --dry-run``: the 1B and 8B-LoRA measurements on tiny shapes on the CPU."""
+    out = tmp_path / "scale.json"
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_scale.py"), "--dry-run",
+                                "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    scale = json.loads(out.read_text())["scale"]
+    assert scale["dry_run"] is True and set(scale["models"]) == {"llama-1b", "llama-8b-lora"}
+    for name, result in scale["models"].items():
+        assert result["trainable_parameters"] > 0
+        assert result["step"]["seconds"]["vanilla_step"] > 0 and "overhead" in result["step"]
+        for key in ("deviation_over_forward_backward", "alignment_over_forward_backward",
+                    "empirical_fisher_over_forward_backward"):
+            assert result["scoring"][key] > 0, (name, key)
+        assert result["generation"]["tokens_per_second"] > 0
+        assert result["trainer"]["lwf"]["summary"]["unlearn_steps"] > 0  # the LWF run took real ascent steps
+        assert "trainer_overhead" in result and result["profile"]["deviation"]["top"]
+    lora, full = scale["models"]["llama-8b-lora"], scale["models"]["llama-1b"]
+    assert lora["trainable_parameters"] < full["trainable_parameters"]  # only the adapters train
