@@ -1199,21 +1199,36 @@ def endpoints_of(run: dict[str, Any], task: str, key: str) -> float:
     return endpoints(run, task)[key][0]
 
 
+# The oracle doses of the dose-sweep plan (experiments/plans/conflict_b_dose.md), mildest first: its tie and fallback order.
+CONFLICT_DOSE_ORDER = ("oracle-d1", "oracle-d2", "oracle-d3", "oracle-d3k48", "oracle-d3cap10", "oracle-d4")
+
+
 def choose_dose(rows: list[dict[str, Any]], primary: tuple[str, str] = (CHAT, "gold_logprob"),
-                max_harm: float = 0.05, prefix: str = "oracle-") -> dict[str, Any]:
-    """The dose rule of the dose-sweep plan: of the oracle doses (arms named ``oracle-*``) whose mean trained-format
-    accuracy is at most ``max_harm`` below vanilla's, the one with the largest mean gain on the primary endpoint
-    (ties: the earlier in name order). Returns the chosen arm, or None when no dose satisfies the bound."""
-    eligible = [r for r in rows if r["arm"].startswith(prefix) and r["harm"] >= -max_harm]
-    if not eligible:
-        return {"chosen": None, "reason": f"every oracle dose lowers trained-format accuracy by more than "
-                                          f"{100 * max_harm:.0f} points"}
-    best = max(eligible, key=lambda r: (r[f"{primary[0]}/{primary[1]}"]["seed"]["mean"], -rows.index(r)))
-    gain = best[f"{primary[0]}/{primary[1]}"]["seed"]
-    return {"chosen": best["arm"], "dose": best["dose"], "gain": gain["mean"], "t_low": gain["t_low"],
-            "t_high": gain["t_high"], "moves": gain["t_low"] > 0,
-            "reason": f"largest mean gain on {primary[0]} {primary[1]} among doses within {100 * max_harm:.0f} points "
-                      "of vanilla's trained-format accuracy"}
+                max_harm: float = 0.05, order: tuple[str, ...] = CONFLICT_DOSE_ORDER) -> dict[str, Any]:
+    """The dose rule of the dose-sweep plan: of the doses in ``order`` whose mean trained-format accuracy is at most
+    ``max_harm`` below vanilla's, the one with the largest mean gain on the primary endpoint (ties: the earlier in
+    ``order``). If no dose keeps within the bound: the first dose in ``order`` whose gain's 95 % t interval excludes 0,
+    else the first dose in ``order``."""
+    ranked = sorted((r for r in rows if r["arm"] in order), key=lambda r: order.index(r["arm"]))
+    if not ranked:
+        return {"chosen": None, "reason": "no dose of the sweep has paired runs yet"}
+
+    def gain(r):
+        return r[f"{primary[0]}/{primary[1]}"]["seed"]
+
+    eligible = [r for r in ranked if r["harm"] >= -max_harm]
+    if eligible:
+        best = max(eligible, key=lambda r: (gain(r)["mean"], -ranked.index(r)))
+        reason = (f"largest mean gain on the primary endpoint among doses within {100 * max_harm:.0f} points of "
+                  "vanilla's trained-format accuracy")
+    else:
+        moved = [r for r in ranked if gain(r)["t_low"] > 0]
+        best = moved[0] if moved else ranked[0]
+        reason = (f"every dose lowers trained-format accuracy by more than {100 * max_harm:.0f} points: the mildest "
+                  + ("that moved the primary endpoint" if moved else "dose (none moved the primary endpoint)"))
+    g = gain(best)
+    return {"chosen": best["arm"], "dose": best["dose"], "gain": g["mean"], "t_low": g["t_low"], "t_high": g["t_high"],
+            "moves": g["t_low"] > 0, "reason": reason}
 
 
 def dose_markdown(rows: list[dict[str, Any]], endpoints: tuple[tuple[str, str], ...]) -> str:

@@ -381,7 +381,14 @@ def test_dose_rule_picks_the_largest_gain_within_the_harm_bound():
     assert rows[2]["harm"] == pytest.approx(-0.2)
     assert summarize.choose_dose(rows)["chosen"] == "oracle-d2"
     assert summarize.choose_dose(rows, max_harm=0.02)["chosen"] == "oracle-d1"
-    assert summarize.choose_dose(rows[2:])["chosen"] is None
+    # no dose within the bound: the mildest that moved the endpoint (every seed's Δ alike: a zero-width interval > 0)
+    assert summarize.choose_dose(rows[2:])["chosen"] == "oracle-d3"
+    flat = summarize.dose_rows([r for r in runs if r["spec"].get("variant") != "d1"]
+                               + [_rec("oracle", s, 0.5, 0.5, chat_lp=-0.8 + (0.1, -0.1, 0.0)[s], variant="d1")
+                                  for s in range(3)], summarize.CONFLICT_DOSE_ENDPOINTS, harm=("sst2plain", "acc"))
+    assert summarize.choose_dose([r for r in flat if r["arm"] in ("oracle-d1", "oracle-d3")])["chosen"] == "oracle-d3"
+    assert summarize.choose_dose([r for r in flat if r["arm"] == "oracle-d1"])["chosen"] == "oracle-d1"  # none moved
+    assert summarize.choose_dose([])["chosen"] is None
 
 
 def _test_runs(gains: dict[str, list[float]]) -> list[dict]:
