@@ -1315,7 +1315,8 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
                          + (f" ({choice['dose']}; gain {_num(choice['gain'], '+.3f')} nats "
                             f"[{_num(choice['t_low'], '+.3f')}, {_num(choice['t_high'], '+.3f')}])"
                             if choice["chosen"] else "") + ".\n")
-        parts += ["\n#### D_U audit (dev)\n", audit_markdown(audit_rows(dev)),
+        parts += ["\n#### Chat format per gold label: a shifted label prior or item-specific knowledge? (dev)\n",
+                  mechanism_markdown(dev, task=CHAT), "\n#### D_U audit (dev)\n", audit_markdown(audit_rows(dev)),
                   "\n#### Every run (conflict, dev)\n", conflict_runs_markdown(dev)]
     if test:
         rows = conflict_comparisons(test)
@@ -1330,6 +1331,7 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
                    f"{reading['lwf_above_random']}; LWF equivalent to the oracle (TOST ±{CONFLICT_TOST_NATS} nats): "
                    f"{reading['lwf_equivalent_to_oracle']}.\n") if reading["ready"] else
                   "\n_Interim: the reading is applied only when every pre-registered comparison has 5 seeds._\n",
+                  "\n#### Chat format per gold label (test)\n", mechanism_markdown(test, task=CHAT),
                   "\n#### D_U audit (test)\n", audit_markdown(audit_rows(test)),
                   "\n#### Every run (conflict, test)\n", conflict_runs_markdown(test)]
     if sst5:
