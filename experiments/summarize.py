@@ -1248,11 +1248,26 @@ def dose_markdown(rows: list[dict[str, Any]], endpoints: tuple[tuple[str, str], 
     return "\n".join(lines) + "\n"
 
 
+def swapped_auc(e: dict[str, Any]) -> float | None:
+    """How well a binary sentiment task's scores rank the items by their swapped gold label, whatever the label prior:
+    the AUC of ll(" positive") − ll(" negative") between gold-"positive" and gold-"negative" items (ties count half).
+    1 = the swap is learned item by item, 0.5 = no item-specific knowledge, near 0 = the true sentiment ranks them."""
+    if not e or "choice_lls" not in e:
+        return None
+    score = [lls[0] - lls[1] for lls in e["choice_lls"]]
+    pos = [x for x, t in zip(score, e["targets"]) if t == 0]
+    neg = [x for x, t in zip(score, e["targets"]) if t == 1]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 def conflict_runs_markdown(runs: list[dict[str, Any]]) -> str:
     """One line per run of the conflict benchmark: both formats, the dose, provenance and CPU seconds."""
-    lines = ["| run | trained acc | trained gold log p | chat acc | chat gold log p | chat: predicted \"positive\" "
-             "| held-out self-answers log-lik. | D_self / D_U | ascent steps | commit | dirty | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | trained acc | trained gold log p | trained swapped AUC | chat acc | chat gold log p "
+             "| chat swapped AUC | chat: predicted \"positive\" | held-out self-answers log-lik. | D_self / D_U "
+             "| ascent steps | commit | dirty | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (arm(r), r["spec"]["seed"])):
         t, c = r["eval"].get(TRAINED, {}), r["eval"].get(CHAT, {})
         lwf = (r.get("train") or {}).get("lwf") or {}
@@ -1260,8 +1275,9 @@ def conflict_runs_markdown(runs: list[dict[str, Any]]) -> str:
         selfgen = "; ".join(_num(v["score"]) for v in r.get("selfgen_eval", {}).values()) or "-"
         pos = c.get("pred_counts", {}).get("0", 0) / max(1, len(c.get("items", []))) if c else None
         lines.append(
-            f"| {r['run_id']} | {_pct(t.get('score'))} | {_num(t.get('mean_gold_logprob'))} | {_pct(c.get('score'))} "
-            f"| {_num(c.get('mean_gold_logprob'))} | {_pct(pos)} | {selfgen} "
+            f"| {r['run_id']} | {_pct(t.get('score'))} | {_num(t.get('mean_gold_logprob'))} | {_num(swapped_auc(t))} "
+            f"| {_pct(c.get('score'))} | {_num(c.get('mean_gold_logprob'))} | {_num(swapped_auc(c))} | {_pct(pos)} "
+            f"| {selfgen} "
             f"| {sum(lwf.get('self_data_sizes', {}).values()) if lwf else '-'} / "
             f"{len(lwf.get('forget_indices', [])) if lwf else '-'} | {lwf.get('unlearn_steps', '-') if lwf else '-'} "
             f"| `{(prov.get('commit') or '-')[:10]}` | {'**yes**' if prov.get('dirty') else ('no' if prov else '-')} "

@@ -307,6 +307,16 @@ def test_data_dir_is_required(capsys):
     assert "--data_dir" in capsys.readouterr().err
 
 
+def test_swapped_auc_against_pairwise_counting():
+    # gold 0 ("positive") items should score high on ll(positive) - ll(negative) once the swap is learned
+    e = {"choice_lls": [[-1.0, -2.0], [-3.0, -1.0], [-1.0, -1.5], [-2.0, -2.0]], "targets": [0, 1, 1, 0]}
+    # scores: +1.0 (gold 0), -2.0 (gold 1), +0.5 (gold 1), 0.0 (gold 0); pairs (gold 0 vs gold 1):
+    # 1.0>-2.0, 1.0>0.5, 0.0>-2.0, 0.0<0.5 -> 3 of 4
+    assert summarize.swapped_auc(e) == pytest.approx(0.75)
+    assert summarize.swapped_auc({"choice_lls": [[0.0, 1.0]], "targets": [0]}) is None
+    assert summarize.swapped_auc({}) is None
+
+
 def test_provenance_summary_names_dirty_runs():
     runs = [{"run_id": "a", "provenance": {"commit": "1" * 40, "dirty": False}},
             {"run_id": "b", "provenance": {"commit": "1" * 40, "dirty": True}}, {"run_id": "c"}]
