@@ -18,7 +18,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 if str(TASKS_DIR) not in sys.path:
     sys.path.insert(0, str(TASKS_DIR))
 PLACEHOLDER = "DATA_DIR"
-MC_TASKS = ("sst5", "qasc", "dental", "psychol", "sst2swap")
+MC_TASKS = ("sst5", "qasc", "dental", "psychol", "sst2swap", "sst2plain", "sst2chat")
 ALL_TASKS = ("gsm8k", *MC_TASKS)
 
 
@@ -53,7 +53,7 @@ def task_config(task: str, data_dir: str, whole_files: bool = False, max_gen_tok
     path = os.path.join(os.path.abspath(data_dir), task_utils.file_for(task, split))
     config["dataset_kwargs"] = dict(config.get("dataset_kwargs") or {}, data_files={"test": path})
     process = task_utils.all_docs if whole_files else task_utils.split_process_docs(task, split)
-    if task == "sst2swap":
+    if task_utils.source_task(task) != task:  # the binary sentiment tasks: sst5 without neutral
         config["process_docs"] = lambda dataset: task_utils.sst2_docs(process(dataset))
     else:
         config["process_docs"] = process

@@ -1,16 +1,18 @@
 """One pre-registered plan, one command: run the pilot, apply its gate, and start the confirmatory run only if the
-gate passes (issue 17).
+gate passes.
 
     python -m experiments.gated --pilot experiments/configs/pilot_decay300.yaml \\
-        --confirm experiments/configs/confirm_decay300.yaml --rule issue_or_weak --workers 2
+        --confirm experiments/configs/confirm_decay300.yaml --rule issue_or_weak --workers 2 --data_dir /work/shared/data
     # the same design with the paper's model on a GPU
     python -m experiments.gated --pilot experiments/configs/full_pilot.yaml --confirm experiments/configs/full.yaml \\
-        --rule issue_or_weak --workers 1 --model meta-llama/Llama-3.2-1B --confirm_dir experiments/results/full
+        --rule issue_or_weak --workers 1 --model meta-llama/Llama-3.2-1B --confirm_dir experiments/results/full \\
+        --data_dir /work/shared/data
 
-The gate is :func:`experiments.summarize.gate` on the pilot's vanilla seeds, judged once all of them have finished;
-``--rule`` names which of its criteria the plan fixed in advance. The verdict is written next to the pilot's folder
+The gate is :func:`experiments.summarize.gate` on the pilot's vanilla seeds (``--rule conflict``: the conflict
+benchmark's :func:`experiments.summarize.conflict_gate`), judged once all of them have finished; ``--rule`` names which
+of its criteria the plan fixed in advance. The verdict is written next to the pilot's folder
 (``<pilot results>.gate.json``). Resumable like the runner: finished runs are skipped and the verdict is recomputed
-from the pilot's run files, so the same command continues a plan that stopped, in this session or the next. Runs that
+from the pilot's run files, so the same command continues a plan that stopped. Runs that
 another process holds (a live ``.lock``) are waited for, never judged half-done.
 """
 
@@ -32,7 +34,11 @@ from . import summarize
 
 RULES = {
     "weak": "mean gain >= +5 points, seed SD <= 2 points, no seed with more than half its predictions on one label",
-    "issue_or_weak": "the issue's gate (>= +10 points, SD <= 3, the same collapse bound) or the weak one",
+    "issue_or_weak": "the strict gate (>= +10 points, SD <= 3, the same collapse bound) or the weak one",
+    "conflict": "the conflict benchmark's gate: vanilla gains >= 20 points of swapped accuracy over base in the trained "
+                "(plain) format; its chat-format swapped accuracy is >= 15 points below its trained-format accuracy; "
+                "the seed SD of the chat-format accuracy lets a paired t-test over 5 seeds detect +5 points at 80 % "
+                "power (SD of a paired difference taken as sqrt(2) x the vanilla seed SD)",
 }
 
 
@@ -42,6 +48,8 @@ def verdict(g: dict[str, Any], rule: str, seeds: int) -> bool:
         raise ValueError(f"--rule must be one of {sorted(RULES)}, got {rule!r}.")
     if not g.get("ready") or len(g["seeds"]) != seeds:
         return False
+    if rule == "conflict":
+        return bool(g["passed"])
     issue = g["pass_gain"] and g["pass_sd"] and g["pass_share"]
     return bool(g["pass_weak"] or (rule == "issue_or_weak" and issue))
 
@@ -52,17 +60,18 @@ def pending_runs(config: str, results_dir: str) -> list[str]:
     return [spec.run_id for spec, _ in plan if not os.path.isfile(os.path.join(results_dir, f"{spec.run_id}.json"))]
 
 
-def worker_command(config: str, results_dir: str, model: str | None = None) -> list[str]:
+def worker_command(config: str, results_dir: str, data_dir: str, model: str | None = None) -> list[str]:
     return [sys.executable, "-m", "experiments.run", "--config", config, "--results_dir", results_dir,
-            *(["--model", model] if model else [])]
+            "--data_dir", data_dir, *(["--model", model] if model else [])]
 
 
-def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagger: float = 20.0,
+def run_workers(config: str, results_dir: str, workers: int, log_dir: str, data_dir: str, stagger: float = 20.0,
                 poll: float = 20.0, model: str | None = None) -> list[str]:
     """Run ``config``'s grid with ``workers`` runner processes (one torch thread each) and wait until every run has a
     result file or none is running any more; returns the runs still pending (those whose worker failed)."""
     os.makedirs(log_dir, exist_ok=True)
-    config, results_dir = os.path.abspath(config), os.path.abspath(results_dir)  # the workers run from the repo root
+    # the workers run from the repository root
+    config, results_dir, data_dir = os.path.abspath(config), os.path.abspath(results_dir), os.path.abspath(data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     name = Path(results_dir).name
     procs = []
@@ -70,7 +79,8 @@ def run_workers(config: str, results_dir: str, workers: int, log_dir: str, stagg
         if i:
             time.sleep(stagger)  # the first worker claims its run before the next one looks
         log = open(os.path.join(log_dir, f"{name}_w{i + 1}.log"), "a", encoding="utf-8")
-        procs.append((subprocess.Popen(worker_command(config, results_dir, model), stdout=log, stderr=subprocess.STDOUT,
+        procs.append((subprocess.Popen(worker_command(config, results_dir, data_dir, model), stdout=log,
+                                       stderr=subprocess.STDOUT,
                                        cwd=runner.REPO, env=env), log))
     for proc, log in procs:
         proc.wait()
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="Hub id or local dir for every run (default: the configs' "
                         "model, else SmolLM2-135M-Instruct offline).")
     parser.add_argument("--log_dir", default=str(summarize.RESULTS.parent / "logs"), help="Worker logs.")
+    parser.add_argument("--data_dir", required=True, help="The data sets, passed to every worker (experiments.run).")
     args = parser.parse_args(argv)
     for flag in ("pilot", "confirm"):
         if not os.path.isfile(getattr(args, flag)):
@@ -119,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     pilot_dir = args.pilot_dir or str(summarize.RESULTS / Path(args.pilot).stem)
 
-    left = run_workers(args.pilot, pilot_dir, args.workers, args.log_dir, model=args.model)
+    left = run_workers(args.pilot, pilot_dir, args.workers, args.log_dir, args.data_dir, model=args.model)
     if left:
         print(f"[gated] pilot runs did not finish: {', '.join(left)}; no verdict", flush=True)
         return 1
-    g = summarize.gate(summarize.load_runs(pilot_dir), learn=args.learn)
+    pilot_runs = summarize.load_runs(pilot_dir)
+    g = summarize.conflict_gate(pilot_runs) if args.rule == "conflict" else summarize.gate(pilot_runs, learn=args.learn)
     passed = verdict(g, args.rule, args.seeds)
     path = summarize.gate_path(pilot_dir)
     if path.exists():  # judged once: a resumed plan keeps its first verdict, and refuses a different one
@@ -145,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"[gated] gate {'PASSED' if passed else 'NOT PASSED'} ({args.rule}): gain {100 * g.get('gain', 0):+.1f} "
-          f"points, seed SD {100 * g.get('sd', float('nan')):.2f}, largest label share "
-          f"{100 * g.get('max_share', float('nan')):.1f} %", flush=True)
+          f"points, seed SD {100 * g.get('sd', float('nan')):.2f}"
+          + ("" if args.rule == "conflict" else f", largest label share {100 * g.get('max_share', float('nan')):.1f} %"),
+          flush=True)
     if not passed:
         return 0
-    left = run_workers(args.confirm, args.confirm_dir, args.workers, args.log_dir, model=args.model)
+    left = run_workers(args.confirm, args.confirm_dir, args.workers, args.log_dir, args.data_dir, model=args.model)
     if left:
         print(f"[gated] confirmatory runs did not finish: {', '.join(left)}", flush=True)
         return 1

@@ -294,23 +294,33 @@ def _cell_stats(pairs, task: str, key: str, item_level: bool = True) -> dict[str
 TOST_BOUND = 0.03  # equivalence bound of a null result: ±3 points of accuracy
 
 
+def arm(run: dict[str, Any]) -> str:
+    """A run's method with its variant (``oracle-d3``), as ``experiments.run.RunSpec.arm``."""
+    spec = run["spec"]
+    return f"{spec['method']}-{spec['variant']}" if spec.get("variant") else spec["method"]
+
+
 def compare(runs: list[dict[str, Any]], methods: tuple[str, ...], reference: str = "vanilla",
             exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """One row per (learning task, forgetting setting, method) with its seeds paired against ``reference``.
+    """One row per (learning task, forgetting setting, arm) with its seeds paired against ``reference``.
 
-    ``reference`` is ``vanilla`` (same seed) or ``base`` (the untrained model, one evaluation for every seed).
+    An arm is a method with its variant (:func:`arm`); ``methods`` selects arms by their name or their method.
+    ``reference`` is ``base`` (the untrained model, one evaluation for every seed) or another arm with the same seed
+    (``vanilla``, or e.g. ``random``), looked up under the same forgetting setting first, then under ``none``.
     Each row holds, per endpoint (``acc``, ``acc_norm``, ``gold_logprob``, ``margin`` where recorded), the per-seed
     differences with the seed-level tests (primary), the hierarchical bootstrap, and the item-level bootstrap and
     sign test (secondary); and the forgetting tasks' endpoints for method, vanilla and base.
     """
     runs = [r for r in runs if r["run_id"] not in exclude]
-    by_id = {(r["spec"]["learn"], r["spec"]["forget"], r["spec"]["method"], r["spec"]["seed"]): r for r in runs}
-    cells = sorted({(r["spec"]["learn"], r["spec"]["forget"], r["spec"]["method"]) for r in runs
-                    if r["spec"]["method"] in methods})
+    by_id = {(r["spec"]["learn"], r["spec"]["forget"], arm(r), r["spec"]["seed"]): r for r in runs}
+    cells = sorted({(r["spec"]["learn"], r["spec"]["forget"], arm(r)) for r in runs
+                    if arm(r) in methods or r["spec"]["method"] in methods})
     rows = []
     for learn, forget, method in cells:
         def ref_run(seed):
-            return by_id.get((learn, "none", "base", 0) if reference == "base" else (learn, "none", reference, seed))
+            if reference == "base":
+                return by_id.get((learn, "none", "base", 0))
+            return by_id.get((learn, forget, reference, seed)) or by_id.get((learn, "none", reference, seed))
         seeds = sorted(s for (l, f, m, s) in by_id if (l, f, m) == (learn, forget, method) and ref_run(s) is not None)
         if not seeds or method == reference:
             continue
@@ -377,6 +387,36 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
         out[f"selfgen_{task}_method"], out[f"selfgen_{task}_reference"] = st["method"], st["reference"]
         out[f"selfgen_{task}_seed_p_t"] = st["seed"]["p_t"]
     return out
+
+
+def _listed(rows: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows if isinstance(rows, list) else [rows]
+
+
+def flat_conflict_row(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """CSV rows of a conflict-benchmark comparison: one per endpoint."""
+    out = []
+    for name, st in r["stats"].items():
+        row = {"comparison": r["comparison"], "preregistered": r["preregistered"], "endpoint": name,
+               "seeds": " ".join(map(str, r["seeds"])), "a": st["method"], "b": st["reference"],
+               "deltas": " ".join(f"{d:+.4f}" for d in st["deltas"]),
+               "p_holm": r.get("p_holm") if name == f"{CHAT}/gold_logprob" else None}
+        row.update({f"seed_{k}": v for k, v in st["seed"].items()})
+        row.update({"tost_p": st.get("tost", {}).get("p"), "tost_bound": st.get("tost", {}).get("bound"),
+                    "hier_low": st["hier"]["low"], "hier_high": st["hier"]["high"], "hier_p": st["hier"]["p"]})
+        out.append(row)
+    return out
+
+
+def flat_dose_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row of a dose arm against vanilla."""
+    row = {"arm": r["arm"], "dose": r["dose"], "seeds": " ".join(map(str, r["seeds"])),
+           "ascent_steps": " ".join(str(x) for x in r["ascent_steps"])}
+    for key, st in r.items():
+        if isinstance(st, dict) and "deltas" in st:
+            row[f"{key}_deltas"] = " ".join(f"{d:+.4f}" for d in st["deltas"])
+            row.update({f"{key}_{k}": st["seed"][k] for k in ("mean", "sd", "t_low", "t_high", "p_t")})
+    return row
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -623,7 +663,7 @@ def gate(runs: list[dict[str, Any]], learn: str = "sst5", min_gain: float = 0.10
     """The pilot's gate on ``learn``: vanilla beats base by ``min_gain``, no label takes more than ``max_share`` of the
     predictions in any vanilla run, vanilla's accuracy SD over seeds is at most ``max_sd``.
 
-    Also reports the weaker gate of EVIDENCE.md (a gain of at least 5 points with a seed SD of at most 2 points, and
+    Also reports the weak gate (a gain of at least 5 points with a seed SD of at most 2 points, and
     the same collapse bound), the one the confirmatory run was pre-registered on.
     """
     base = base_rows(runs).get(learn)
@@ -666,7 +706,7 @@ def gate_markdown(g: dict[str, Any], record: dict[str, Any] | None = None) -> st
         + (f"seed SD {100 * g['sd']:.2f} points" if g["sd"] == g["sd"] else "seed SD not measured (one seed)")
         + f" (gate ≤ 3: {'yes' if g['pass_sd'] else 'no'}); largest share of one label in "
         f"a vanilla run {_pct(g['max_share'])} % (gate ≤ 50 %: {'yes' if g['pass_share'] else 'no'}).\n"
-        f"- **The issue's gate {verdict}.** Weaker gate of EVIDENCE.md (≥ +5 points, SD ≤ 2, no label > 50 %): "
+        f"- **The strict gate {verdict}.** Weak gate (≥ +5 points, SD ≤ 2, no label > 50 %): "
         f"{'met' if g['pass_weak'] else 'not met'}.\n" + ruled)
 
 
@@ -687,13 +727,13 @@ def power_markdown(g: dict[str, Any], legacy_sd: float | None, measured: tuple[f
     cases = []
     if measured is not None:
         sd, n = measured
-        cases.append((max(sd, 1e-6), f"the pilot's LWF − vanilla Δ of accuracy, {n} seeds (measured; the issue's "
-                                     "basis; with few seeds it is itself uncertain)"))
+        cases.append((max(sd, 1e-6), f"the pilot's LWF − vanilla Δ of accuracy, {n} seeds (measured;"
+                                     " with few seeds it is itself uncertain)"))
     if g.get("ready") and g["sd"] == g["sd"] and g["sd"] > 0:
         cases.append((math.sqrt(2) * g["sd"], "√2 × the pilot's vanilla seed SD (two independently noisy arms; "
                                               "to be replaced by the SD of the pilot's LWF − vanilla Δ)"))
     if legacy_sd:
-        cases.append((legacy_sd, "pooled SD of the per-seed Δ in the legacy 16-step grid (issue 17 audit)"))
+        cases.append((legacy_sd, "pooled SD of the per-seed Δ in the legacy 16-step grid"))
     for sd, source in cases:
         lines.append(f"| {100 * sd:.1f} | {source} | {seeds_needed(0.03, sd)} |")
     lines.append("\nThe confirmatory run takes the larger of that count and 5 seeds.")
@@ -746,7 +786,7 @@ def section(name: str, runs: list[dict[str, Any]], methods: tuple[str, ...], sta
         parts += [f"\nAgainst vanilla fine-tuning with the same seed ({holm_text}):\n",
                   markdown_comparison(vs_vanilla, runs)]
     parts += [f"\n#### Forgetting endpoints ({name})\n", markdown_forgetting(vs_base + vs_vanilla, runs),
-              f"\n#### Every run ({name})\n", markdown_runs(runs, stale)]
+              f"\n#### Every run ({name})\n", provenance_markdown(runs), markdown_runs(runs, stale)]
     return "\n".join(parts), vs_base + vs_vanilla
 
 
@@ -756,6 +796,9 @@ def generated_markdown(sections: dict[str, list[dict[str, Any]]],
     """The generated block of docs/results.md from the run files of each results folder (and the verdicts
     ``experiments.gated`` wrote, by pilot folder)."""
     parts, tables, verdicts = [], {}, verdicts or {}
+    text, tables = positive_control_markdown(sections, verdicts)
+    if text:
+        parts.append(text)
     confirm = sections.get("confirm", [])
     if confirm:
         text, tables["confirm"] = section("confirmatory, test", confirm, ("lwf",), against_base=("vanilla", "lwf"))
@@ -854,6 +897,468 @@ def settings_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[s
     return common, varying
 
 
+# ------------------------------------------------------------------------------------ provenance and compute
+def provenance_markdown(runs: list[dict[str, Any]]) -> str:
+    """Which commits a folder's run files come from, and which were written from a dirty tree (named)."""
+    if not runs:
+        return ""
+    recorded = [r for r in runs if "provenance" in r]
+    missing = len(runs) - len(recorded)
+    commits: dict[str, int] = {}
+    for r in recorded:
+        commits[r["provenance"]["commit"] or "unknown"] = commits.get(r["provenance"]["commit"] or "unknown", 0) + 1
+    dirty = sorted(r["run_id"] for r in recorded if r["provenance"]["dirty"])
+    parts = []
+    if commits:
+        parts.append("run files by commit: " + ", ".join(f"`{c[:12]}` ({n})" for c, n in sorted(commits.items())))
+    if missing:
+        parts.append(f"{missing} run files record no commit (written before run files carried provenance)")
+    text = "Provenance: " + "; ".join(parts) + ". "
+    if dirty:
+        text += (f"**{len(dirty)} run files come from a dirty working tree** (their code may differ from the recorded "
+                 "commit): " + ", ".join(f"`{d}`" for d in dirty) + ".\n")
+    elif recorded:
+        text += "Every run file with provenance comes from a clean working tree.\n"
+    else:
+        text += "\n"
+    return text
+
+
+def compute_rows(sections: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """CPU time by results folder and arm, from the run files' ``cpu_seconds`` (process CPU time of each run)."""
+    rows = []
+    for folder, runs in sections.items():
+        by_arm: dict[str, list[float]] = {}
+        for r in runs:
+            by_arm.setdefault(arm(r), []).append(float(r.get("cpu_seconds") or 0.0))
+        for name, values in sorted(by_arm.items()):
+            rows.append({"folder": folder, "arm": name, "runs": len(values), "cpu_hours": sum(values) / 3600,
+                         "cpu_minutes_per_run": statistics.mean(values) / 60})
+    return rows
+
+
+def compute_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| results folder | arm | runs | CPU hours | CPU minutes per run |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['folder']} | {row['arm']} | {row['runs']} | {row['cpu_hours']:.2f} "
+                     f"| {row['cpu_minutes_per_run']:.1f} |")
+    total = sum(row["cpu_hours"] for row in rows)
+    lines.append(f"| **total** | | {sum(row['runs'] for row in rows)} | **{total:.2f}** | |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ the conflict benchmark
+TRAINED, CHAT = "sst2plain", "sst2chat"  # the trained (plain) format and the held-out chat format
+# The pre-registered comparisons of the test run (experiments/plans/), Holm-corrected together, and two more reported.
+CONFLICT_COMPARISONS = (("oracle", "vanilla"), ("lwf", "vanilla"), ("lwf", "random"), ("lwf", "oracle"))
+CONFLICT_SECONDARY = (("random", "vanilla"), ("ga_all", "vanilla"))
+CONFLICT_TOST_NATS = 0.05  # equivalence bound of the primary endpoint (nats of gold log-probability), fixed in the plan
+CONFLICT_ENDPOINTS = ((CHAT, "gold_logprob"), (CHAT, "acc"), (TRAINED, "acc"), (TRAINED, "gold_logprob"))
+
+
+def conflict_gate(runs: list[dict[str, Any]], min_gain: float = 0.20, min_gap: float = 0.15, effect: float = 0.05,
+                  planned_seeds: int = 5) -> dict[str, Any]:
+    """The conflict benchmark's pilot gate on its base run and vanilla seeds (dev).
+
+    * ``pass_gain``: vanilla learns the trained format: mean swapped accuracy there >= base + ``min_gain``;
+    * ``pass_gap``: the chat-format conflict survives: mean chat-format swapped accuracy >= ``min_gap`` below the
+      trained format's;
+    * ``pass_sd``: seeds are steady enough to see ``effect`` (+5 points) in the chat format: a paired t-test over
+      ``planned_seeds`` seeds detects it at 80 % power when the SD of a per-seed difference is sqrt(2) x the vanilla
+      seed SD of chat-format accuracy (two independently noisy arms).
+    """
+    base = next((r for r in runs if r["spec"]["method"] == "base" and r["spec"]["learn"] == TRAINED), None)
+    vanilla = sorted((r for r in runs if r["spec"]["method"] == "vanilla" and r["spec"]["learn"] == TRAINED
+                      and CHAT in r["eval"]), key=lambda r: r["spec"]["seed"])
+    if base is None or CHAT not in base["eval"] or not vanilla:
+        return {"ready": False}
+    plain = [r["eval"][TRAINED]["score"] for r in vanilla]
+    chat = [r["eval"][CHAT]["score"] for r in vanilla]
+    gain = statistics.mean(plain) - base["eval"][TRAINED]["score"]
+    gap = statistics.mean(plain) - statistics.mean(chat)
+    sd = statistics.stdev(chat) if len(chat) > 1 else float("nan")
+    detectable = detectable_effect(planned_seeds, math.sqrt(2) * sd) if sd == sd and sd > 0 else float("nan")
+    if sd == 0:
+        detectable = 0.0
+    out = {"ready": True, "seeds": [r["spec"]["seed"] for r in vanilla],
+           "base_plain": base["eval"][TRAINED]["score"], "base_chat": base["eval"][CHAT]["score"],
+           "base_chat_gold_logprob": base["eval"][CHAT].get("mean_gold_logprob"),
+           "vanilla_plain": plain, "vanilla_chat": chat,
+           "vanilla_chat_gold_logprob": [r["eval"][CHAT].get("mean_gold_logprob") for r in vanilla],
+           "gain": gain, "gap": gap, "sd": sd, "sd_plain": statistics.stdev(plain) if len(plain) > 1 else float("nan"),
+           "detectable": detectable, "min_gain": min_gain, "min_gap": min_gap, "effect": effect,
+           "pass_gain": gain >= min_gain, "pass_gap": gap >= min_gap,
+           "pass_sd": detectable == detectable and detectable <= effect}
+    out["passed"] = bool(out["pass_gain"] and out["pass_gap"] and out["pass_sd"])
+    return out
+
+
+def conflict_gate_markdown(g: dict[str, Any], record: dict[str, Any] | None = None) -> str:
+    if not g.get("ready"):
+        return "_The pilot has no base run and vanilla run yet._\n"
+    yes = {True: "yes", False: "no"}
+    ruled = "" if record is None else (
+        f"- **Verdict under the plan's pre-registered rule: {'passed' if record['passed'] else 'not passed'}** "
+        f"(`--rule {record['rule']}`; judged by `experiments.gated` at {record['time']} on seeds "
+        f"{', '.join(map(str, record['gate']['seeds']))}).\n")
+    return (
+        f"- Swapped accuracy, trained (plain) format: base {_pct(g['base_plain'])} %, vanilla per seed "
+        f"({', '.join(map(str, g['seeds']))}) {', '.join(_pct(a) for a in g['vanilla_plain'])} %; gain "
+        f"{_pct(g['gain'], True)} points (gate >= +{100 * g['min_gain']:.0f}: {yes[g['pass_gain']]}).\n"
+        f"- Swapped accuracy, chat format: base {_pct(g['base_chat'])} %, vanilla "
+        f"{', '.join(_pct(a) for a in g['vanilla_chat'])} %; {_pct(g['gap'])} points below the trained format "
+        f"(gate >= {100 * g['min_gap']:.0f}: {yes[g['pass_gap']]}). Chat-format gold log-probability: base "
+        f"{_num(g['base_chat_gold_logprob'])}, vanilla {', '.join(_num(x) for x in g['vanilla_chat_gold_logprob'])}.\n"
+        f"- Seed SD of chat-format accuracy {100 * g['sd']:.2f} points: a paired t-test over 5 seeds detects "
+        f"{_pct(g['detectable'], True)} points at 80 % power (gate <= +{100 * g['effect']:.0f}: "
+        f"{yes[g['pass_sd']]}).\n"
+        f"- **Gate {'passed' if g['passed'] else 'not passed'}.**\n" + ruled)
+
+
+def _by_arm_seed(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(arm(r), r["spec"]["seed"]): r for r in runs if r["spec"]["method"] != "base"}
+
+
+def conflict_comparisons(runs: list[dict[str, Any]], comparisons=CONFLICT_COMPARISONS + CONFLICT_SECONDARY,
+                         bound: float = CONFLICT_TOST_NATS) -> list[dict[str, Any]]:
+    """Seed-paired comparisons of arms on the conflict benchmark's endpoints (primary: chat-format gold
+    log-probability): per-seed differences, seed-level paired t, exact Wilcoxon, TOST (``bound`` nats on the primary,
+    ±3 points on accuracy), the hierarchical bootstrap and (secondary) item-level tests. The pre-registered
+    comparisons (:data:`CONFLICT_COMPARISONS`) get a Holm correction over their primary p-values."""
+    by = _by_arm_seed(runs)
+    rows = []
+    for a, b in comparisons:
+        seeds = sorted(s for (name, s) in by if name == a and (b, s) in by)
+        if not seeds:
+            continue
+        pairs = [(by[(a, s)], by[(b, s)]) for s in seeds]
+        for x, y in pairs:
+            for task in (TRAINED, CHAT):
+                if x["eval"][task]["doc_ids"] != y["eval"][task]["doc_ids"]:
+                    raise ValueError(f"{x['run_id']} and {y['run_id']} were evaluated on different {task} items.")
+        row = {"comparison": f"{a} − {b}", "a": a, "b": b, "seeds": seeds, "stats": {},
+               "preregistered": (a, b) in CONFLICT_COMPARISONS}
+        for task, key in CONFLICT_ENDPOINTS:
+            st = _cell_stats(pairs, task, key)
+            if st is not None:
+                if key == "gold_logprob":
+                    st["tost"] = tost(st["deltas"], bound)
+                row["stats"][f"{task}/{key}"] = st
+        rows.append(row)
+    pre = [r for r in rows if r["preregistered"]]
+    for r, p in zip(pre, holm([r["stats"][f"{CHAT}/gold_logprob"]["seed"]["p_t"] for r in pre])):
+        r["p_holm"] = p
+    return rows
+
+
+def conflict_comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_No paired runs yet._\n"
+    lines = ["| comparison | seeds | endpoint | a (mean ± SD) | b | Δ per seed | Δ mean [95 % t CI] | p t | p Wilcoxon "
+             "| p Holm (4 pre-registered) | TOST p (bound) | hierarchical bootstrap 95 % CI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, st in r["stats"].items():
+            task, key = name.split("/")
+            sd = st["seed"]
+            primary = name == f"{CHAT}/gold_logprob"
+            label = {"sst2chat": "chat", "sst2plain": "trained"}[task] + f" {key}" + (" (primary)" if primary else "")
+            bound = (f"{_num(st['tost']['p'])} (±{st['tost']['bound']:g} nats)" if key == "gold_logprob" else
+                     f"{_num(st['tost']['p'])} (±{100 * st['tost']['bound']:g} pts)") if "tost" in st else "-"
+            lines.append(
+                f"| {r['comparison']}{'' if r['preregistered'] else ' (secondary)'} | {len(r['seeds'])} | {label} "
+                f"| {_fmt(key, st['method'])} ± {_fmt(key, st['method_sd'])} | {_fmt(key, st['reference'])} "
+                f"| {' '.join(_fmt(key, d, True) for d in st['deltas'])} | {_fmt(key, sd['mean'], True)} "
+                f"[{_fmt(key, sd['t_low'], True)}, {_fmt(key, sd['t_high'], True)}] | {_p(sd['p_t'])} "
+                f"| {_p(sd['p_wilcoxon'])} | {_p(r.get('p_holm')) if primary and r['preregistered'] else ''} "
+                f"| {bound} | [{_fmt(key, st['hier']['low'], True)}, {_fmt(key, st['hier']['high'], True)}] |")
+    return "\n".join(lines) + "\n"
+
+
+def conflict_reading(rows: list[dict[str, Any]], alpha: float = 0.05, seeds: int = 5) -> dict[str, Any]:
+    """The reading the test plan fixed in advance, applied to the pre-registered comparisons (Holm-adjusted seed-level
+    t-tests of the primary endpoint). "helps" = mean > 0 and adjusted p < alpha; "lwf ≈ oracle" = TOST p < alpha.
+
+    * oracle helps, lwf helps and lwf > random: the mechanism works at this scale;
+    * oracle helps, lwf does not help: the confidence score is the weak link;
+    * oracle helps, lwf helps, lwf not above random: forgetting helps, the selection adds nothing measurable;
+    * oracle does not help: the premise fails at this scale (nothing here can show that forgetting helps).
+    """
+    by = {(r["a"], r["b"]): r for r in rows if r["preregistered"]}
+    if len(by) < 4 or any(len(r["seeds"]) < seeds for r in by.values()):
+        return {"ready": False}
+
+    def up(a, b):
+        st = by[(a, b)]["stats"][f"{CHAT}/gold_logprob"]
+        return st["seed"]["mean"] > 0 and by[(a, b)]["p_holm"] < alpha
+
+    oracle, lwf, over_random = up("oracle", "vanilla"), up("lwf", "vanilla"), up("lwf", "random")
+    equivalent = by[("lwf", "oracle")]["stats"][f"{CHAT}/gold_logprob"]["tost"]["p"] < alpha
+    if not oracle:
+        reading = "premise fails: forgetting the right knowledge does not move the endpoint at this scale"
+    elif not lwf:
+        reading = "the confidence score is the weak link: the oracle helps, LWF's selection does not"
+    elif over_random:
+        reading = "the mechanism works at this scale: the oracle helps and LWF helps beyond random selection"
+    else:
+        reading = "forgetting helps, but LWF's selection adds nothing measurable over random selection"
+    return {"ready": True, "oracle_helps": oracle, "lwf_helps": lwf, "lwf_above_random": over_random,
+            "lwf_equivalent_to_oracle": equivalent, "reading": reading}
+
+
+def audit_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per LWF-like run of the conflict benchmark: what its D_U (and D_self) answers say against each review's true
+    label (``conflicting`` = the true label, the knowledge the swapped task contradicts; ``agreeing`` = the swapped
+    label; ``other``), how many are in the scored form, and the mean confidence of each class in D_self."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (arm(r), r["spec"]["seed"])):
+        items = (r.get("train") or {}).get("d_self") or []
+        items = [x for x in items if "audit" in x]
+        if not items:
+            continue
+        lwf = r["train"].get("lwf") or {}
+        row = {"run_id": r["run_id"], "arm": arm(r), "seed": r["spec"]["seed"], "d_self": len(items),
+               "d_u": sum(x["forgotten"] for x in items), "ascent_steps": lwf.get("unlearn_steps"),
+               "unlearn_points": lwf.get("unlearn_points")}
+        for scope, chosen in (("d_u", [x for x in items if x["forgotten"]]), ("d_self", items)):
+            for c in AUDIT:
+                row[f"{scope}_{c}"] = sum(x["audit"] == c for x in chosen)
+            row[f"{scope}_scored_form"] = sum(bool(x.get("scored_form")) for x in chosen)
+        for c in AUDIT:
+            scores = [x["score"] for x in items if x["audit"] == c and x.get("score") is not None]
+            row[f"mean_score_{c}"] = statistics.mean(scores) if scores else None
+        said = [x["text"].strip().lower() for x in items if x["forgotten"]]
+        row["d_u_says_positive"] = sum(t.startswith("positive") for t in said)
+        row["d_u_true_positive"] = sum(x["true_label"] == "positive" for x in items if x["forgotten"])
+        rows.append(row)
+    return rows
+
+
+AUDIT = ("conflicting", "agreeing", "other")
+
+
+def audit_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_No LWF-like runs with a D_self record yet._\n"
+    lines = ["| run | D_U conflicting / agreeing / other | D_U in the scored form | D_U answers \"positive\" "
+             "| D_U reviews truly positive | D_self conflicting / agreeing / other | mean confidence in D_self: "
+             "conflicting / agreeing / other | ascent steps / points |", "|---|---|---|---|---|---|---|---|"]
+    totals: dict[str, dict[str, int]] = {}
+    for r in rows:
+        lines.append(
+            f"| {r['run_id']} | {r['d_u_conflicting']} / {r['d_u_agreeing']} / {r['d_u_other']} "
+            f"| {r['d_u_scored_form']} of {r['d_u']} | {r['d_u_says_positive']} | {r['d_u_true_positive']} "
+            f"| {r['d_self_conflicting']} / {r['d_self_agreeing']} / {r['d_self_other']} "
+            f"| {' / '.join(_num(r[f'mean_score_{c}'], '.3g') for c in AUDIT)} "
+            f"| {r['ascent_steps']} / {r['unlearn_points']} |")
+        t = totals.setdefault(r["arm"], {"runs": 0, **{c: 0 for c in AUDIT}, "d_u": 0})
+        t["runs"] += 1
+        t["d_u"] += r["d_u"]
+        for c in AUDIT:
+            t[c] += r[f"d_u_{c}"]
+    lines += ["", "| arm | runs | forgotten answers | conflicting | agreeing | other |", "|---|---|---|---|---|---|"]
+    for name, t in sorted(totals.items()):
+        lines.append(f"| {name} | {t['runs']} | {t['d_u']} | {t['conflicting']} | {t['agreeing']} | {t['other']} |")
+    return "\n".join(lines) + "\n"
+
+
+def dose_settings(run: dict[str, Any]) -> str:
+    """The ascent dose a run used: every, steps, lambda, cap, |D_U| (from its resolved LWF settings)."""
+    cfg = ((run.get("train") or {}).get("lwf_config")) or {}
+    if not cfg:
+        return "-"
+    lwf = (run.get("train") or {}).get("lwf") or {}
+    return (f"every {cfg['lwf_unlearn_every']}, {cfg['lwf_unlearn_steps']} step(s) × {cfg['lwf_unlearn_batch_size']}, "
+            f"λ {cfg['lwf_unlearn_coef']:g}, cap {cfg['lwf_forget_loss_cap']:g}, |D_U| {len(lwf.get('forget_indices', []))}")
+
+
+def dose_rows(runs: list[dict[str, Any]], endpoints: tuple[tuple[str, str], ...], harm: tuple[str, str],
+              reference: str = "vanilla") -> list[dict[str, Any]]:
+    """Per arm against ``reference`` (same seed): the dose, the ascent steps applied, and the per-seed differences of
+    each endpoint (``(task, key)``) with its mean, SD and seed-level t interval; ``harm`` names the endpoint whose drop
+    the dose rule bounds (the learning task's accuracy)."""
+    by = _by_arm_seed(runs)
+    out = []
+    for name in sorted({a for a, _ in by} - {reference}):
+        seeds = sorted(s for (a, s) in by if a == name and (reference, s) in by)
+        if not seeds:
+            continue
+        row = {"arm": name, "seeds": seeds, "dose": dose_settings(by[(name, seeds[0])]),
+               "ascent_steps": [((by[(name, s)].get("train") or {}).get("lwf") or {}).get("unlearn_steps")
+                                for s in seeds]}
+        for task, key in endpoints:
+            deltas = [endpoints_of(by[(name, s)], task, key) - endpoints_of(by[(reference, s)], task, key)
+                      for s in seeds]
+            row[f"{task}/{key}"] = {"deltas": deltas, "seed": seed_tests(deltas)}
+        row["harm"] = row[f"{harm[0]}/{harm[1]}"]["seed"]["mean"]
+        out.append(row)
+    return out
+
+
+def endpoints_of(run: dict[str, Any], task: str, key: str) -> float:
+    return endpoints(run, task)[key][0]
+
+
+# The oracle doses of the dose-sweep plan (experiments/plans/conflict_b_dose.md), mildest first: its tie and fallback order.
+CONFLICT_DOSE_ORDER = ("oracle-d1", "oracle-d2", "oracle-d3", "oracle-d3k48", "oracle-d3cap10", "oracle-d4")
+
+
+def choose_dose(rows: list[dict[str, Any]], primary: tuple[str, str] = (CHAT, "gold_logprob"),
+                max_harm: float = 0.05, order: tuple[str, ...] = CONFLICT_DOSE_ORDER) -> dict[str, Any]:
+    """The dose rule of the dose-sweep plan: of the doses in ``order`` whose mean trained-format accuracy is at most
+    ``max_harm`` below vanilla's, the one with the largest mean gain on the primary endpoint (ties: the earlier in
+    ``order``). If no dose keeps within the bound: the first dose in ``order`` whose gain's 95 % t interval excludes 0,
+    else the first dose in ``order``."""
+    ranked = sorted((r for r in rows if r["arm"] in order), key=lambda r: order.index(r["arm"]))
+    if not ranked:
+        return {"chosen": None, "reason": "no dose of the sweep has paired runs yet"}
+
+    def gain(r):
+        return r[f"{primary[0]}/{primary[1]}"]["seed"]
+
+    eligible = [r for r in ranked if r["harm"] >= -max_harm]
+    if eligible:
+        best = max(eligible, key=lambda r: (gain(r)["mean"], -ranked.index(r)))
+        reason = (f"largest mean gain on the primary endpoint among doses within {100 * max_harm:.0f} points of "
+                  "vanilla's trained-format accuracy")
+    else:
+        moved = [r for r in ranked if gain(r)["t_low"] > 0]
+        best = moved[0] if moved else ranked[0]
+        reason = (f"every dose lowers trained-format accuracy by more than {100 * max_harm:.0f} points: the mildest "
+                  + ("that moved the primary endpoint" if moved else "dose (none moved the primary endpoint)"))
+    g = gain(best)
+    return {"chosen": best["arm"], "dose": best["dose"], "gain": g["mean"], "t_low": g["t_low"], "t_high": g["t_high"],
+            "moves": g["t_low"] > 0, "reason": reason}
+
+
+def dose_markdown(rows: list[dict[str, Any]], endpoints: tuple[tuple[str, str], ...]) -> str:
+    if not rows:
+        return "_No dose runs paired with vanilla yet._\n"
+    head = " | ".join(f"Δ {t} {k} (per seed; mean [95 % t CI])" for t, k in endpoints)
+    lines = [f"| arm | dose | seeds | ascent steps applied | {head} |", "|---|---|---|---|" + "---|" * len(endpoints)]
+    for r in rows:
+        cells = []
+        for task, key in endpoints:
+            st = r[f"{task}/{key}"]
+            sd = st["seed"]
+            cells.append(f"{' '.join(_fmt(key, d, True) for d in st['deltas'])}; **{_fmt(key, sd['mean'], True)}** "
+                         f"[{_fmt(key, sd['t_low'], True)}, {_fmt(key, sd['t_high'], True)}]")
+        lines.append(f"| {r['arm']} | {r['dose']} | {len(r['seeds'])} | {' '.join(str(x) for x in r['ascent_steps'])} "
+                     f"| {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def swapped_auc(e: dict[str, Any]) -> float | None:
+    """How well a binary sentiment task's scores rank the items by their swapped gold label, whatever the label prior:
+    the AUC of ll(" positive") − ll(" negative") between gold-"positive" and gold-"negative" items (ties count half).
+    1 = the swap is learned item by item, 0.5 = no item-specific knowledge, near 0 = the true sentiment ranks them."""
+    if not e or "choice_lls" not in e:
+        return None
+    score = [lls[0] - lls[1] for lls in e["choice_lls"]]
+    pos = [x for x, t in zip(score, e["targets"]) if t == 0]
+    neg = [x for x, t in zip(score, e["targets"]) if t == 1]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def conflict_runs_markdown(runs: list[dict[str, Any]]) -> str:
+    """One line per run of the conflict benchmark: both formats, the dose, provenance and CPU seconds."""
+    lines = ["| run | trained acc | trained gold log p | trained swapped AUC | chat acc | chat gold log p "
+             "| chat swapped AUC | chat: predicted \"positive\" | held-out self-answers log-lik. | D_self / D_U "
+             "| ascent steps | commit | dirty | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (arm(r), r["spec"]["seed"])):
+        t, c = r["eval"].get(TRAINED, {}), r["eval"].get(CHAT, {})
+        lwf = (r.get("train") or {}).get("lwf") or {}
+        prov = r.get("provenance") or {}
+        selfgen = "; ".join(_num(v["score"]) for v in r.get("selfgen_eval", {}).values()) or "-"
+        pos = c.get("pred_counts", {}).get("0", 0) / max(1, len(c.get("items", []))) if c else None
+        lines.append(
+            f"| {r['run_id']} | {_pct(t.get('score'))} | {_num(t.get('mean_gold_logprob'))} | {_num(swapped_auc(t))} "
+            f"| {_pct(c.get('score'))} | {_num(c.get('mean_gold_logprob'))} | {_num(swapped_auc(c))} | {_pct(pos)} "
+            f"| {selfgen} "
+            f"| {sum(lwf.get('self_data_sizes', {}).values()) if lwf else '-'} / "
+            f"{len(lwf.get('forget_indices', [])) if lwf else '-'} | {lwf.get('unlearn_steps', '-') if lwf else '-'} "
+            f"| `{(prov.get('commit') or '-')[:10]}` | {'**yes**' if prov.get('dirty') else ('no' if prov else '-')} "
+            f"| {_num(r.get('cpu_seconds'), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+CONFLICT_DOSE_ENDPOINTS = ((CHAT, "gold_logprob"), (CHAT, "acc"), (TRAINED, "acc"))
+SST5_DOSE_ENDPOINTS = (("sst5", "gold_logprob"), ("sst5", "acc"), ("dental", "acc"), ("dental", "gold_logprob"))
+
+
+def sst5_dose_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sst5 × dental dose-response: :func:`dose_rows` plus the held-out dental self-answers' log-likelihood."""
+    rows = dose_rows(runs, SST5_DOSE_ENDPOINTS, harm=("sst5", "acc"))
+    by = _by_arm_seed(runs)
+    for row in rows:
+        deltas = [by[(row["arm"], s)]["selfgen_eval"]["dental"]["score"] - by[("vanilla", s)]["selfgen_eval"]["dental"]["score"]
+                  for s in row["seeds"] if "dental" in by[(row["arm"], s)].get("selfgen_eval", {})]
+        row["selfgen_dental"] = {"deltas": deltas, "seed": seed_tests(deltas)}
+    return rows
+
+
+def sst5_dose_markdown(rows: list[dict[str, Any]]) -> str:
+    text = dose_markdown(rows, SST5_DOSE_ENDPOINTS)
+    if rows:
+        text += ("\nHeld-out dental self-answers (per-token log-likelihood of the untrained model's greedy answers), "
+                 "Δ against vanilla per seed: " + "; ".join(
+                     f"{r['arm']} {' '.join(_num(d, '+.3f') for d in r['selfgen_dental']['deltas'])}" for r in rows)
+                 + ".\n")
+    return text
+
+
+def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
+                              verdicts: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, list]]:
+    """The conflict benchmark (pilot gate, oracle dose sweep, test run) and the sst5 × dental dose-response."""
+    verdicts, parts, tables = verdicts or {}, [], {}
+    dev, test, sst5 = (sections.get(k, []) for k in ("conflict_dev", "conflict_test", "sst5_dental_dose"))
+    if dev:
+        parts += ["### Conflict benchmark, dev: pilot gate and oracle dose sweep (`configs/conflict_pilot.yaml`, "
+                  "`configs/conflict_dose.yaml`)\n",
+                  f"{len(dev)} run files in `experiments/results/conflict_dev/`. Swapped binary sentiment trained in the "
+                  "plain format; endpoints in the trained format and in the chat format (primary: the swapped gold "
+                  "label's log-probability across the two words, in nats).\n", provenance_markdown(dev),
+                  "\n#### Gate\n", conflict_gate_markdown(conflict_gate(dev), verdicts.get("conflict_dev"))]
+        rows = dose_rows(dev, CONFLICT_DOSE_ENDPOINTS, harm=(TRAINED, "acc"))
+        tables["conflict_dose"] = rows
+        choice = choose_dose(rows)
+        parts += ["\n#### Dose sweep against vanilla (same seed)\n", dose_markdown(rows, CONFLICT_DOSE_ENDPOINTS)]
+        if any(r["arm"].startswith("oracle-") for r in rows):
+            parts.append(f"\nDose rule: {choice['reason']}: **{choice['chosen']}**"
+                         + (f" ({choice['dose']}; gain {_num(choice['gain'], '+.3f')} nats "
+                            f"[{_num(choice['t_low'], '+.3f')}, {_num(choice['t_high'], '+.3f')}])"
+                            if choice["chosen"] else "") + ".\n")
+        parts += ["\n#### Chat format per gold label: a shifted label prior or item-specific knowledge? (dev)\n",
+                  mechanism_markdown(dev, task=CHAT), "\n#### D_U audit (dev)\n", audit_markdown(audit_rows(dev)),
+                  "\n#### Every run (conflict, dev)\n", conflict_runs_markdown(dev)]
+    if test:
+        rows = conflict_comparisons(test)
+        tables["conflict_test"] = rows
+        reading = conflict_reading(rows)
+        parts += ["\n### Conflict benchmark, test: the positive control (`configs/conflict_test.yaml`)\n",
+                  f"{len(test)} run files in `experiments/results/conflict_test/`. Seed-level tests first; the four "
+                  "pre-registered comparisons are Holm-corrected on the primary endpoint.\n", provenance_markdown(test),
+                  conflict_comparison_markdown(rows),
+                  ("\n**Pre-registered reading: " + reading["reading"] + ".** "
+                   f"oracle helps: {reading['oracle_helps']}; LWF helps: {reading['lwf_helps']}; LWF above random: "
+                   f"{reading['lwf_above_random']}; LWF equivalent to the oracle (TOST ±{CONFLICT_TOST_NATS} nats): "
+                   f"{reading['lwf_equivalent_to_oracle']}.\n") if reading["ready"] else
+                  "\n_Interim: the reading is applied only when every pre-registered comparison has 5 seeds._\n",
+                  "\n#### Chat format per gold label (test)\n", mechanism_markdown(test, task=CHAT),
+                  "\n#### D_U audit (test)\n", audit_markdown(audit_rows(test)),
+                  "\n#### Every run (conflict, test)\n", conflict_runs_markdown(test)]
+    if sst5:
+        rows = sst5_dose_rows(sst5)
+        tables["sst5_dental_dose"] = rows
+        parts += ["\n### sst5 × dental dose-response, dev (`configs/sst5_dental_dose.yaml`)\n",
+                  f"{len(sst5)} run files in `experiments/results/sst5_dental_dose/`.\n", provenance_markdown(sst5),
+                  sst5_dose_markdown(rows), "\n#### Every run (sst5 × dental dose, dev)\n", markdown_runs(sst5)]
+    return "\n".join(parts), tables
+
+
 PILOT_BUDGETS = (  # further pilot budgets: folder, config, what differs from pilot.yaml
     ("pilot_lr1e-4", "pilot_lr1e-4.yaml", "learning rate 1e-4"),
     ("pilot_250", "pilot_250.yaml", "250 steps"),
@@ -864,7 +1369,8 @@ CONFIRM_CONFIG = "confirm_decay300.yaml"  # the plan the confirm/ folder runs un
 MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs from mechanism.yaml
     ("mechanism_40", "mechanism_40.yaml", "half the budget (40 steps, a point every 10)"),
 )
-SECTIONS = ("confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism",
+POSITIVE_CONTROL = ("conflict_dev", "conflict_test", "sst5_dental_dose")  # the conflict benchmark, the dose-response
+SECTIONS = (*POSITIVE_CONTROL, "confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism",
             *(folder for folder, _, _ in MECHANISM_BUDGETS), "runs")  # results/<folder>/*.json;
 # "runs" is the legacy grid
 
@@ -874,6 +1380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", default=str(RESULTS), help="Folder holding confirm/, pilot/, pilot_lr1e-4/, pilot_250/, pilot_decay/, pilot_decay300/, mechanism/, mechanism_40/, runs/.")
     parser.add_argument("--docs", default=str(RESULTS / "REPORT.md"),
                         help="Markdown file whose generated block is replaced ('none' to skip).")
+    parser.add_argument("--tables_md", default=None, help="Also write the conflict benchmark's and the dose-response's "
+                        "tables, and the compute table of their folders, to this Markdown file.")
     args = parser.parse_args(argv)
     out = Path(args.results_dir)
     sections = {name: load_runs(str(out / name)) for name in SECTIONS}
@@ -881,7 +1389,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name in SECTIONS if gate_path(out / name).is_file()}
     generated, tables = generated_markdown(sections, out / "optimizer_probe.json", verdicts)
     for name, rows in tables.items():
-        write_csv(out / f"{name}.csv", [flat_row(r) for r in rows])
+        flat = {"conflict_test": flat_conflict_row, "conflict_dose": flat_dose_row,
+                "sst5_dental_dose": flat_dose_row}.get(name, flat_row)
+        write_csv(out / f"{name}.csv", [row for r in rows for row in _listed(flat(r))])
+    if args.tables_md:
+        text, _ = positive_control_markdown(sections, verdicts)
+        compute = compute_markdown(compute_rows({k: sections[k] for k in POSITIVE_CONTROL if sections[k]}))
+        Path(args.tables_md).write_text(
+            "<!-- generated by python -m experiments.summarize --tables_md; do not edit -->\n# Conflict benchmark and "
+            "dose-response: generated tables\n\n" + text + "\n### Compute (CPU time from the run files)\n\n" + compute,
+            encoding="utf-8")
+        print(f"wrote {args.tables_md}")
     print(generated)
     if args.docs != "none":
         docs = Path(args.docs)

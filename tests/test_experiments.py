@@ -537,7 +537,7 @@ def test_gate_with_one_vanilla_seed_says_the_sd_is_not_measured():
     g = gate([run("base", 0.41, 0.52), run("vanilla", 0.473, 0.57)])
     assert g["gain"] == pytest.approx(0.063) and not g["pass_share"] and not g["pass_sd"]
     text = gate_markdown(g)
-    assert "seed SD not measured (one seed)" in text and "The issue's gate not passed" in text and "57.0 %" in text
+    assert "seed SD not measured (one seed)" in text and "The strict gate not passed" in text and "57.0 %" in text
 
 
 def test_power_table_uses_the_measured_lwf_delta_sd():

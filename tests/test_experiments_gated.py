@@ -41,7 +41,7 @@ def test_verdict_of_the_committed_pilot_fails_both_rules():
 
 
 @pytest.mark.parametrize("accs, shares, weak, issue_or_weak", [
-    ([0.53, 0.50, 0.56, 0.51, 0.55], None, False, True),    # +12.0 points, SD 2.55: only the issue's gate
+    ([0.53, 0.50, 0.56, 0.51, 0.55], None, False, True),    # +12.0 points, SD 2.55: only the strict gate
     ([0.47, 0.46, 0.48, 0.47, 0.465], None, True, True),    # +5.9 points, SD 0.74: the weak gate
     ([0.47, 0.46, 0.48, 0.47, 0.465], [0.4, 0.4, 0.51, 0.4, 0.4], False, False),  # one seed collapses
     ([0.45, 0.44, 0.46, 0.45, 0.455], None, False, False),  # +4.1 points
@@ -73,8 +73,8 @@ def _fake_workers(monkeypatch, pilot_cfg: str, accs) -> list[tuple]:
     """Replace the worker processes: the pilot "finishes" with the vanilla accuracies ``accs()``; returns the calls."""
     calls = []
 
-    def fake_workers(config, results_dir, workers, log_dir, model=None):
-        calls.append((config, results_dir, workers, model))
+    def fake_workers(config, results_dir, workers, log_dir, data_dir, model=None):
+        calls.append((config, results_dir, workers, model, data_dir))
         if config == pilot_cfg:
             os.makedirs(results_dir, exist_ok=True)
             for r in _records(accs()):
@@ -92,15 +92,16 @@ def test_main_starts_the_confirmatory_run_only_after_a_pass(tmp_path, monkeypatc
     pilot_dir, confirm_dir = tmp_path / "results" / "pilot", tmp_path / "results" / "confirm"
     calls = _fake_workers(monkeypatch, pilot_cfg, lambda: accs)
     argv = ["--pilot", pilot_cfg, "--confirm", confirm_cfg, "--rule", "issue_or_weak", "--pilot_dir", str(pilot_dir),
-            "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs"), "--model", "m/x"]
+            "--confirm_dir", str(confirm_dir), "--workers", "2", "--log_dir", str(tmp_path / "logs"), "--model", "m/x",
+            "--data_dir", "d"]
     assert gated.main(argv) == 0
     assert [c[0] for c in calls] == [pilot_cfg] + ([confirm_cfg] if starts_confirm else [])
-    assert {(c[2], c[3]) for c in calls} == {(2, "m/x")}  # every stage: the workers and the model asked for
+    assert {(c[2], c[3], c[4]) for c in calls} == {(2, "m/x", "d")}  # every stage: the workers, model and data asked for
     record = json.loads((tmp_path / "results" / "pilot.gate.json").read_text())
     assert record["passed"] is starts_confirm and record["rule"] == "issue_or_weak" and record["gate"]["seeds"] == [0, 1, 2, 3, 4]
     text = summarize.gate_markdown(record["gate"], record)  # docs/results.md shows the verdict under the plan's rule
     assert f"Verdict under the plan's pre-registered rule: {'passed' if starts_confirm else 'not passed'}**" in text
-    assert "--rule issue_or_weak" in text and "The issue's gate" in text
+    assert "--rule issue_or_weak" in text and "The strict gate" in text
 
 
 def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monkeypatch, capsys):
@@ -113,7 +114,7 @@ def test_main_keeps_the_first_verdict_and_refuses_a_different_one(tmp_path, monk
         return [c for c in calls if c[0] != pilot_cfg]
 
     argv = ["--pilot", pilot_cfg, "--confirm", pilot_cfg + ".c", "--rule", "issue_or_weak", "--pilot_dir",
-            str(pilot_dir), "--log_dir", str(tmp_path / "logs")]
+            str(pilot_dir), "--log_dir", str(tmp_path / "logs"), "--data_dir", "d"]
     Path(pilot_cfg + ".c").write_text("grid: []\n")
     assert gated.main(argv) == 0
     verdict_file = tmp_path / "results" / "pilot.gate.json"
@@ -149,13 +150,14 @@ def test_main_gives_no_verdict_while_pilot_runs_are_missing(tmp_path, monkeypatc
     pilot_cfg = _config(tmp_path / "pilot.yaml", PILOT_GRID)
     monkeypatch.setattr(gated, "run_workers", lambda *a, **k: ["sst5__none__vanilla__s4"])
     assert gated.main(["--pilot", pilot_cfg, "--confirm", pilot_cfg, "--rule", "weak",
-                       "--pilot_dir", str(tmp_path / "p")]) == 1
+                       "--pilot_dir", str(tmp_path / "p"), "--data_dir", "d"]) == 1
     assert not (tmp_path / "p.gate.json").exists()
 
 
 def test_main_names_a_missing_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        gated.main(["--pilot", str(tmp_path / "nope.yaml"), "--confirm", str(tmp_path / "nope.yaml"), "--rule", "weak"])
+        gated.main(["--pilot", str(tmp_path / "nope.yaml"), "--confirm", str(tmp_path / "nope.yaml"), "--rule", "weak",
+                    "--data_dir", "d"])
     assert "--pilot: no such config file" in capsys.readouterr().err
 
 
@@ -165,7 +167,7 @@ def test_run_workers_waits_for_runs_a_live_process_holds(tmp_path, monkeypatch):
     results = tmp_path / "r"
     results.mkdir()
     started = tmp_path / "started"
-    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, model: [
+    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, data_dir, model: [
         sys.executable, "-c", f"import os; open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()"])
     started.mkdir()
     (results / "sst5__none__vanilla__s0.json").write_text("{}")  # finished
@@ -178,15 +180,16 @@ def test_run_workers_waits_for_runs_a_live_process_holds(tmp_path, monkeypatch):
 
     timer = threading.Timer(0.5, finish_s1)
     timer.start()
-    left = gated.run_workers(cfg, str(results), 2, str(tmp_path / "logs"), stagger=0.0, poll=0.05)
+    left = gated.run_workers(cfg, str(results), 2, str(tmp_path / "logs"), "d", stagger=0.0, poll=0.05)
     timer.join()
     assert left == ["sst5__none__vanilla__s2"]  # s1 was waited for; s2's dead lock did not block
     assert len(os.listdir(started)) == 2 and (tmp_path / "logs" / "r_w1.log").exists()
 
 
-def test_worker_command_passes_the_model():
-    assert gated.worker_command("c.yaml", "r")[-4:] == ["--config", "c.yaml", "--results_dir", "r"]
-    assert gated.worker_command("c.yaml", "r", "meta-llama/Llama-3.2-1B")[-2:] == ["--model", "meta-llama/Llama-3.2-1B"]
+def test_worker_command_passes_the_data_and_the_model():
+    assert gated.worker_command("c.yaml", "r", "d")[-6:] == ["--config", "c.yaml", "--results_dir", "r", "--data_dir", "d"]
+    assert gated.worker_command("c.yaml", "r", "d", "meta-llama/Llama-3.2-1B")[-2:] == [
+        "--model", "meta-llama/Llama-3.2-1B"]
 
 
 CONFIGS = REPO / "experiments" / "configs"
@@ -218,11 +221,11 @@ def test_run_workers_hands_absolute_paths_to_workers(tmp_path, monkeypatch):
     """Workers run from the repository root, so relative paths given from elsewhere must arrive absolute."""
     _config(tmp_path / "c.yaml", "  - {learn: [sst5], methods: [vanilla], seeds: [0]}\n")
     seen = []
-    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, model: seen.append((config, results_dir))
-                        or [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(gated, "worker_command", lambda config, results_dir, data_dir, model: seen.append(
+        (config, results_dir, data_dir)) or [sys.executable, "-c", "pass"])
     monkeypatch.chdir(tmp_path)
-    assert gated.run_workers("c.yaml", "r", 1, "logs", poll=0.01) == ["sst5__none__vanilla__s0"]
-    assert seen == [(str(tmp_path / "c.yaml"), str(tmp_path / "r"))]
+    assert gated.run_workers("c.yaml", "r", 1, "logs", "data", poll=0.01) == ["sst5__none__vanilla__s0"]
+    assert seen == [(str(tmp_path / "c.yaml"), str(tmp_path / "r"), str(tmp_path / "data"))]
 
 
 def test_runner_claim_takes_over_only_a_dead_owners_lock(tmp_path):

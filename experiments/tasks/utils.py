@@ -28,7 +28,7 @@ FILES = {
 SPLIT_SIZE = {"gsm8k": {"dev": 300}, "qasc": {"test": 200, "dev": 100}, "dental": {"test": 300, "dev": 150},
               "psychol": {"test": 300, "dev": 150}}
 # Tasks derived from another task's files: the mechanism benchmark reads sst5's files.
-SOURCE = {"sst2swap": "sst5"}
+SOURCE = {"sst2swap": "sst5", "sst2plain": "sst5", "sst2chat": "sst5"}
 LETTERS = "ABCDEFGH"
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _NOT_WORD = re.compile(r"[^0-9a-z]+")
@@ -169,19 +169,27 @@ def gsm8k_doc_to_text(doc: dict[str, Any]) -> str:
 
 
 def sst5_plain_doc_to_text(doc: dict[str, Any]) -> str:
-    """The pilot's sst5 prompt (EVIDENCE.md: learned without collapse, unlike the legacy prompt listing the labels)."""
+    """The pilot's sst5 prompt (learned without collapse in the pilot, unlike the legacy prompt listing the labels)."""
     return f"Review: {doc['text'].strip()}\nSentiment:"
 
 
 # ---- the mechanism benchmark: binary sentiment (sst5 without neutral) in the chat format, labels swapped
 SST2_QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 SST2_CHOICES = ["positive", "negative"]
-_CHAT = {"tokenizer": None}
+SST2_ANSWER_PREFIX = "Answer:"  # opens the assistant turn of the chat format: the model then answers with the bare word
+_CHAT = {"tokenizer": None, "prefix": SST2_ANSWER_PREFIX}
 
 
-def set_chat_tokenizer(tokenizer) -> None:
-    """The tokenizer whose chat template formats the sst2 prompts (set by the runner before training and scoring)."""
+def set_chat_tokenizer(tokenizer, answer_prefix: str = SST2_ANSWER_PREFIX) -> None:
+    """The tokenizer whose chat template formats the sst2 prompts, and the conflict benchmark's answer prefix (set by
+    the runner before training and scoring; the prefix is the ``chat_answer_prefix`` setting)."""
     _CHAT["tokenizer"] = tokenizer
+    _CHAT["prefix"] = answer_prefix
+
+
+def answer_prefix() -> str:
+    """The chat format's answer prefix in force (``set_chat_tokenizer``)."""
+    return _CHAT["prefix"]
 
 
 def sst2_user_message(doc: dict[str, Any]) -> str:
@@ -216,9 +224,51 @@ def sst2_docs(dataset):
     return dataset.filter(lambda d: int(d["label"]) != 2)
 
 
+# ---- the conflict benchmark: swapped binary sentiment TRAINED in a plain format, scored in the plain format and in
+# the chat format where the model's zero-shot sentiment knowledge lives; both score " positive" / " negative".
+def sst2plain_doc_to_text(doc: dict[str, Any]) -> str:
+    """The trained format: ``Review: {text}\nSentiment:``, answered `` positive`` or `` negative``."""
+    return f"Review: {doc['text'].strip()}\nSentiment:"
+
+
+def sst2chat_doc_to_text(doc: dict[str, Any]) -> str:
+    """The held-out format: the chat template around the sentiment question, the assistant turn opened with the
+    answer prefix (``Answer:``) so that the next word is the label; also the frame of the self-generated answers."""
+    return chat_text(sst2_user_message(doc)) + _CHAT["prefix"]
+
+
+def answer_label(text: str) -> tuple[int | None, bool]:
+    """``(index into SST2_CHOICES or None, scored form)`` of a self-generated answer to the sentiment question.
+
+    The label is the first of the two words the answer contains, case-insensitively (``"Positive"`` counts as
+    positive); the answer is in the *scored form* when it is exactly the lower-case word the endpoints score,
+    optionally followed by punctuation (`` positive``, ``positive.``).
+    """
+    low = text.lower()
+    hits = [(low.index(w), i) for i, w in enumerate(SST2_CHOICES) if w in low]
+    if not hits:
+        return None, False
+    index = min(hits)[1]
+    return index, text.strip().rstrip(".!") == SST2_CHOICES[index]
+
+
+AUDIT_CLASSES = ("conflicting", "agreeing", "other")
+
+
+def audit_class(text: str, doc: dict[str, Any]) -> str:
+    """What a forgotten answer to ``doc``'s sentiment question says, against the swapped learning task:
+    ``conflicting`` (the review's true label, the knowledge the task contradicts), ``agreeing`` (the swapped label,
+    what the task wants) or ``other`` (neither word)."""
+    index, _ = answer_label(text)
+    if index is None:
+        return "other"
+    return "conflicting" if index == sst2_true_index(doc) else "agreeing"
+
+
 PROMPT_STYLES = ("legacy", "plain")
 DOC_TO_TEXT = {"gsm8k": gsm8k_doc_to_text, "sst5": sst5_doc_to_text, "qasc": qasc_doc_to_text,
-               "dental": mcq_doc_to_text, "psychol": mcq_doc_to_text, "sst2swap": sst2_doc_to_text}
+               "dental": mcq_doc_to_text, "psychol": mcq_doc_to_text, "sst2swap": sst2_doc_to_text,
+               "sst2plain": sst2plain_doc_to_text, "sst2chat": sst2chat_doc_to_text}
 PLAIN = {"sst5": sst5_plain_doc_to_text}
 TARGET_DELIMITER = {"sst2swap": ""}  # the chat template already ends the prompt with the assistant header
 
@@ -236,7 +286,7 @@ def target_text(task: str, doc: dict[str, Any]) -> str:
         return doc["answer"].strip()
     if task == "sst5":
         return SST5_LABELS[int(doc["label"])]
-    if task == "sst2swap":
+    if task in ("sst2swap", "sst2plain", "sst2chat"):
         return SST2_CHOICES[sst2swap_target(doc)]
     if task == "qasc":
         return LETTERS[int(doc["answer_index"])]
