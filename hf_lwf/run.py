@@ -123,11 +123,6 @@ class LWFRun:
             self._build_self_data(model, tokenizer, output_dir, should_save, show_progress)
         if not self.state.reference:
             self.state.reference = self.backend.snapshot(model, device=self._state_device)
-        layout = self.backend.fisher_layout(params, None)
-        if self.wants_online_fisher() and not self.state.fisher and layout is not None:
-            # F next to theta_ref before the first step, not in the middle of the learning steps' own allocations
-            self.state.fisher = fisher_lib.zeros_like_parameters(layout, dtype=getattr(torch, config.lwf_fisher_dtype),
-                                                                 device=self._state_device)
         if config.lwf_schedule == "early" and self.state.unlearn_points == 0:
             self._early_unlearning(model, optimizer, max_steps, learning_examples)
 
