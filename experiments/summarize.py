@@ -1334,6 +1334,14 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
         parts += ["\n#### Chat format per gold label: a shifted label prior or item-specific knowledge? (dev)\n",
                   mechanism_markdown(dev, task=CHAT), "\n#### D_U audit (dev)\n", audit_markdown(audit_rows(dev)),
                   "\n#### Every run (conflict, dev)\n", conflict_runs_markdown(dev)]
+    for folder, config, what in CONFLICT_PILOTS:
+        runs = sections.get(folder, [])
+        if runs:
+            parts += [f"\n### Conflict benchmark, dev: pilot {what} (`configs/{config}`)\n",
+                      f"{len(runs)} run files in `experiments/results/{folder}/`.\n", provenance_markdown(runs),
+                      "\n#### Gate\n", conflict_gate_markdown(conflict_gate(runs), verdicts.get(folder)),
+                      f"\n#### Chat format per gold label ({folder})\n", mechanism_markdown(runs, task=CHAT),
+                      f"\n#### Every run ({folder})\n", conflict_runs_markdown(runs)]
     if test:
         rows = conflict_comparisons(test)
         tables["conflict_test"] = rows
@@ -1369,7 +1377,12 @@ CONFIRM_CONFIG = "confirm_decay300.yaml"  # the plan the confirm/ folder runs un
 MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs from mechanism.yaml
     ("mechanism_40", "mechanism_40.yaml", "half the budget (40 steps, a point every 10)"),
 )
-POSITIVE_CONTROL = ("conflict_dev", "conflict_test", "sst5_dental_dose")  # the conflict benchmark, the dose-response
+CONFLICT_PILOTS = (  # further conflict pilots, each with its own gate: folder, config, what differs from B1
+    ("conflict_dev160", "conflict_pilot160.yaml", "B2, 160 steps"),
+    ("conflict_dev_s2", "conflict_pilot_s2.yaml", "S2, the chat answer opened by \"The sentiment of this movie review is\""),
+)
+POSITIVE_CONTROL = ("conflict_dev", *(folder for folder, _, _ in CONFLICT_PILOTS), "conflict_test",
+                    "sst5_dental_dose")  # the conflict benchmark, the dose-response
 SECTIONS = (*POSITIVE_CONTROL, "confirm", "pilot", *(folder for folder, _, _ in PILOT_BUDGETS), "mechanism",
             *(folder for folder, _, _ in MECHANISM_BUDGETS), "runs")  # results/<folder>/*.json;
 # "runs" is the legacy grid
