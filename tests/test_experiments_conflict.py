@@ -357,6 +357,17 @@ def test_conflict_gate_each_criterion():
     assert "Gate passed" in summarize.conflict_gate_markdown(ok)
 
 
+def test_each_further_pilot_folder_gets_its_own_gate():
+    base = _rec("base", 0, 0.25, 0.30)
+    passing = [base] + [_rec("vanilla", s, 0.90, 0.55 + 0.005 * s) for s in range(5)]
+    noisy = [base] + [_rec("vanilla", s, 0.90, (0.45, 0.65, 0.50, 0.70, 0.40)[s]) for s in range(5)]
+    text, _ = summarize.positive_control_markdown({"conflict_dev160": noisy, "conflict_dev_s2": passing})
+    b2, s2 = text.split("pilot S2")
+    assert "pilot B2" in b2 and "Gate not passed" in b2 and "conflict_dev160" in b2
+    assert "Gate passed" in s2 and "`configs/conflict_pilot_s2.yaml`" in s2
+    assert {folder for folder, _, _ in summarize.CONFLICT_PILOTS} <= set(summarize.SECTIONS)
+
+
 def test_gated_main_runs_the_test_only_after_the_conflict_gate(tmp_path, monkeypatch):
     pilot = tmp_path / "p.yaml"
     pilot.write_text("grid:\n  - {learn: [sst2plain], methods: [base], seeds: [0]}\n"
