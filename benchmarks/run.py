@@ -577,24 +577,17 @@ def markdown(all_results: dict[str, dict]) -> str:
         lines.append("| figure | baseline | " + " | ".join(models) + " | target |")
         lines.append("|---|---|" + "---|" * len(models) + "---|")
         for label, path, target, baseline in TARGETS:
-            cells = []
-            for m in models:
-                value = _get(result["models"][m], path)
-                if value is None:
-                    cells.append("—")
-                    continue
-                if target is not None:
-                    ok = value <= target
-                    cell = (f"{value:+.1%}" if target < 0.5 else f"{value:.2f}x") + (" ✓" if ok else " ✗")
-                    if not ok:
-                        cell += f" (+{value - target:.1%} over)" if target < 0.5 else f" (+{value - target:.2f}x over)"
-                else:
-                    cell = f"{value:.3g}" + ("x" if "over" in path[-1] else "")
-                cells.append(cell)
-            if all(c == "—" for c in cells):
-                continue
-            tgt = "—" if target is None else (f"≤ {target:.0%}" if target < 0.5 else f"≤ {target}x")
-            lines.append(f"| {label} | {baseline} | " + " | ".join(cells) + f" | {tgt} |")
+            def render(value, path=path, target=target):
+                if target is None:
+                    return f"{value:.3g}" + ("x" if "over" in path[-1] else "")
+                cell = (f"{value:+.1%}" if target < 0.5 else f"{value:.2f}x") + _verdict(value, target)
+                if value > target:
+                    cell += f" (+{value - target:.1%} over)" if target < 0.5 else f" (+{value - target:.2f}x over)"
+                return cell
+
+            cells = _cells([_get(result["models"][m], path) for m in models], render)
+            if cells:
+                lines.append(f"| {label} | {baseline} | " + " | ".join(cells) + f" | {_target_text(target)} |")
         lines.append("")
         for m in models:
             r = result["models"][m]
@@ -648,6 +641,20 @@ SCALE_ROWS = [  # (label, path in a model's gpu_scale results, target, format)
 ]
 
 
+def _cells(values: list, render) -> list[str] | None:
+    """One table row's cells (a dash where a model has no value); None when no model has one."""
+    cells = ["—" if value is None else render(value) for value in values]
+    return None if all(c == "—" for c in cells) else cells
+
+
+def _verdict(value: float, target: float) -> str:
+    return " ✓" if value <= target else " ✗"
+
+
+def _target_text(target: float | None) -> str:
+    return "—" if target is None else (f"≤ {target:.0%}" if target < 0.5 else f"≤ {target}x")
+
+
 def scale_markdown(scale: dict) -> list[str]:
     """The ``benchmarks/gpu_scale.py`` table of one machine (models at the sizes users train)."""
     models = list(scale["models"])
@@ -655,22 +662,14 @@ def scale_markdown(scale: dict) -> list[str]:
              f"{scale['date']})", "",
              "| figure | " + " | ".join(models) + " | target |", "|---|" + "---|" * len(models) + "---|"]
     for label, path, target, fmt in SCALE_ROWS:
-        cells = []
-        for m in models:
-            value = _get(scale["models"][m], path)
-            if value is None:
-                cells.append("—")
-            elif fmt == "bytes":
-                cells.append(f"{value / 1e9:.2f} GB")
-            else:
-                cell = fmt.format(value)
-                if target is not None:
-                    cell += " ✓" if value <= target else " ✗"
-                cells.append(cell)
-        if all(c == "—" for c in cells):
-            continue
-        tgt = "—" if target is None else (f"≤ {target:.0%}" if target < 0.5 else f"≤ {target}x")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {tgt} |")
+        def render(value, target=target, fmt=fmt):
+            if fmt == "bytes":
+                return f"{value / 1e9:.2f} GB"
+            return fmt.format(value) + ("" if target is None else _verdict(value, target))
+
+        cells = _cells([_get(scale["models"][m], path) for m in models], render)
+        if cells:
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_target_text(target)} |")
     workload = next(iter(scale["models"].values())).get("workload", {})
     lines += ["", f"Learning batches of {workload.get('batch')} x {workload.get('tokens')} tokens; models built from "
               "configs with random weights; bf16 weights, AdamW (8B: LoRA r = 16 on q, v).", ""]

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny offline tokenizer and tiny random Llama / GPT-2 models built from configs."""
 
+import json
 import os
 import sys
 import traceback
@@ -225,3 +226,9 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_hub_utils, "_hf_api", api)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return api
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """``rows`` as a JSON Lines file at ``path`` (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

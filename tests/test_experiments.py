@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tokenizer, tiny_llama
+from conftest import build_tokenizer, tiny_llama, write_jsonl
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,31 +22,26 @@ import utils as task_utils  # noqa: E402
 from experiments import evaluation, run  # noqa: E402
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 def make_data(root: Path, n: int = 8, tag: str = "") -> Path:
     """Hand-made files for every task, in the schema of the local JSON Lines copies (`--data_dir`)."""
     mcq = [{"id": f"{tag}q{i}", "question": f"Which tooth {tag}{i}?", "options": ["molar", "canine", "incisor", "premolar"],
             "answer": i % 4, "answer_letter": "ABCD"[i % 4], "subject": "Dental", "source": "test"} for i in range(n)]
-    _write(root / "dental" / "validation.jsonl", mcq)
-    _write(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {tag}{i}?")
+    write_jsonl(root / "dental" / "validation.jsonl", mcq)
+    write_jsonl(root / "psychol" / "test.jsonl", [dict(r, id=f"{tag}p{i}", question=f"Why do we dream {tag}{i}?")
                                             for i, r in enumerate(mcq)])
-    _write(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {tag}{i} .", "label": i % 5,
+    write_jsonl(root / "sst5" / "train.jsonl", [{"id": f"{tag}s{i}", "text": f"A fine film {tag}{i} .", "label": i % 5,
                                              "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {tag}{i} .", "label": i % 5,
+    write_jsonl(root / "sst5" / "test.jsonl", [{"id": f"{tag}t{i}", "text": f"Dull {tag}{i} .", "label": i % 5,
                                             "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "sst5" / "dev.jsonl", [{"id": f"{tag}d{i}", "text": f"Sharp {tag}{i} .", "label": i % 5,
+    write_jsonl(root / "sst5" / "dev.jsonl", [{"id": f"{tag}d{i}", "text": f"Sharp {tag}{i} .", "label": i % 5,
                                           "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
-    _write(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {tag}{i}?",
+    write_jsonl(root / "qasc" / "dev.jsonl", [{"id": f"{tag}c{i}", "question": f"What boils {tag}{i}?",
                                           "choices": list("abcdefgh"), "choice_labels": list("ABCDEFGH"),
                                           "answerKey": "ABCDEFGH"[i % 8], "answer_index": i % 8} for i in range(n)])
     gsm = [{"id": f"{tag}g{i}", "question": f"Tom{tag} has {i} apples and buys 2. How many?",
             "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "final_answer": str(i + 2)} for i in range(n)]
-    _write(root / "gsm8k" / "train.jsonl", gsm)
-    _write(root / "gsm8k" / "test.jsonl", gsm)
+    write_jsonl(root / "gsm8k" / "train.jsonl", gsm)
+    write_jsonl(root / "gsm8k" / "test.jsonl", gsm)
     return root
 
 
@@ -103,9 +98,9 @@ def test_exact_duplicates_never_cross_splits(tmp_path):
     data = make_data(tmp_path / "data", n=8)
     # psychol: a duplicate of every question under another id; sst5: a dev sentence copied into train
     rows = [json.loads(x) for x in (data / "psychol" / "test.jsonl").read_text().splitlines()]
-    _write(data / "psychol" / "test.jsonl", rows + [dict(r, id=r["id"] + "dup") for r in rows])
+    write_jsonl(data / "psychol" / "test.jsonl", rows + [dict(r, id=r["id"] + "dup") for r in rows])
     train = [json.loads(x) for x in (data / "sst5" / "train.jsonl").read_text().splitlines()]
-    _write(data / "sst5" / "train.jsonl", train + [{"id": "copy", "text": "sharp 3", "label": 3, "label_text": "x"}])
+    write_jsonl(data / "sst5" / "train.jsonl", train + [{"id": "copy", "text": "sharp 3", "label": 3, "label_text": "x"}])
     for task in ("psychol", "sst5"):
         train_stems = {task_utils.normalised_stem(d) for d in run.load_split(task, str(data), "train")}
         for split in ("dev", "test"):
@@ -116,7 +111,7 @@ def test_exact_duplicates_never_cross_splits(tmp_path):
     other = make_data(tmp_path / "other", n=3, tag="o")
     before = run.load_split("dental", str(data), "train")
     question = before[0]["question"]
-    _write(other / "dental" / "validation.jsonl", [{"id": "o1", "question": question.upper() + " ", "options": list("abcd"),
+    write_jsonl(other / "dental" / "validation.jsonl", [{"id": "o1", "question": question.upper() + " ", "options": list("abcd"),
                                                     "answer": 1}])
     trained = run.load_split("dental", str(data), "train", str(other))
     assert question not in trained["question"] and len(trained) == len(before) - 1

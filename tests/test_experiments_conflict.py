@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tokenizer, tiny_llama
+from conftest import build_tokenizer, tiny_llama, write_jsonl
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,15 +22,10 @@ import utils as task_utils  # noqa: E402
 from experiments import evaluation, gated, run, summarize  # noqa: E402
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 def sentiment_data(root: Path, n: int = 60) -> Path:
     """sst5 files only (the conflict benchmark reads nothing else): labels cycle 0..4, texts numbered."""
     for split, word in (("train", "Fine"), ("dev", "Sharp"), ("test", "Dull")):
-        _write(root / "sst5" / f"{split}.jsonl", [
+        write_jsonl(root / "sst5" / f"{split}.jsonl", [
             {"id": f"{split[0]}{i}", "text": f"{word} film number {i} .", "label": i % 5,
              "label_text": task_utils.SST5_LABELS[i % 5]} for i in range(n)])
     return root
@@ -250,7 +245,7 @@ def test_conflict_runs_end_to_end_with_an_audit_of_d_u(setup, fake_generation, t
 def test_every_run_file_records_its_provenance_and_no_machine_path(setup, tmp_path):
     root, data, model_dir, _ = setup
     settings = run.merged_settings({**CONFLICT, "n_selfgen_eval": 0, "selfgen_eval": []}, [])
-    record = run.run_one(run.make_spec("sst2plain", "none", "vanilla", 1), settings, str(data), None, str(tmp_path),
+    run.run_one(run.make_spec("sst2plain", "none", "vanilla", 1), settings, str(data), None, str(tmp_path),
                          model_name=model_dir, work_dir=str(root / "work"),
                          code_state={"commit": "a" * 40, "dirty": False, "dirty_files": []})
     prov = json.loads((tmp_path / "sst2plain__none__vanilla__s1.json").read_text())["provenance"]
