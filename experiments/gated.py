@@ -2,11 +2,11 @@
 gate passes.
 
     python -m experiments.gated --pilot experiments/configs/pilot_decay300.yaml \\
-        --confirm experiments/configs/confirm_decay300.yaml --rule issue_or_weak --workers 2 --data_dir /work/shared/data
+        --confirm experiments/configs/confirm_decay300.yaml --rule issue_or_weak --workers 2 --data_dir /path/to/data
     # the same design with the paper's model on a GPU
     python -m experiments.gated --pilot experiments/configs/full_pilot.yaml --confirm experiments/configs/full.yaml \\
         --rule issue_or_weak --workers 1 --model meta-llama/Llama-3.2-1B --confirm_dir experiments/results/full \\
-        --data_dir /work/shared/data
+        --data_dir /path/to/data
 
 The gate is :func:`experiments.summarize.gate` on the pilot's vanilla seeds (``--rule conflict``: the conflict
 benchmark's :func:`experiments.summarize.conflict_gate`), judged once all of them have finished; ``--rule`` names which

@@ -841,9 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", nargs="+", default=["vanilla", "lwf"], help="Method(s): " + ", ".join(METHODS))
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="Seed(s) of a single cell.")
     parser.add_argument("--model", default=None, help="Hub id or local dir (default: SmolLM2-135M-Instruct offline).")
-    parser.add_argument("--data_dir", required=True, help="The data sets (JSON Lines, the layout of the project's "
-                        "shared data, data/README.md), e.g. /work/shared/data; run files name the files read under it, "
-                        "never this path.")
+    parser.add_argument("--data_dir", required=True, help="The folder of data sets (JSON Lines, one folder per "
+                        "task: sst5/, dental/, ...; see docs/usage.md); run files name the files read under it, never "
+                        "this path.")
     parser.add_argument("--eval_data_dir", default=None,
                         help="Evaluation files (same names and schema); every item of each file is then evaluated.")
     parser.add_argument("--results_dir", default=str(DEFAULT_RESULTS), help="One JSON per run is written here.")

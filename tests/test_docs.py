@@ -120,7 +120,12 @@ def test_every_relative_link_in_readme_and_docs_resolves():
 def test_project_text_names_no_outside_material():
     """The docs speak of the project: no notes outside the repository, no work items."""
     pattern = re.compile(r"EVIDENCE\.md|shared/docs|\.\./shared|/work/|\bissue \d+|next session", re.I)
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "hf_lwf").rglob("*.py")),
+             *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.md")),
+             *sorted((ROOT / "experiments").glob("*.py")), *sorted((ROOT / "experiments").glob("*.md")),
+             *sorted((ROOT / "experiments" / "configs").glob("*.yaml")),
+             *sorted((ROOT / "experiments" / "plans").glob("*.md"))]
+    for path in texts:
         found = pattern.findall(path.read_text(encoding="utf-8"))
         assert not found, f"{path.relative_to(ROOT)}: {found}"
 
