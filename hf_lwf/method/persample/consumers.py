@@ -6,7 +6,7 @@ import torch
 
 from ...distributed import local_view
 from ..common import TensorDict
-from . import fused
+from .fused import _add_mv, _fuse, _fused_score_sums
 
 
 class Consumer:
@@ -51,17 +51,17 @@ class ScoreConsumer(Consumer):
         w, fm = self.terms.chunk(name, rows)
         flat = grads.reshape(grads.shape[0], -1)
         a, n = (self.a, self.n) if sample is None else (self.a[sample : sample + 1], self.n[sample : sample + 1])
-        if not self.linear and w is not None and fm is not None and fused._fuse(flat):
-            sums = fused._fused_score_sums(flat, w.reshape(-1), fm.reshape(-1))
+        if not self.linear and w is not None and fm is not None and _fuse(flat):
+            sums = _fused_score_sums(flat, w.reshape(-1), fm.reshape(-1))
             if sums is not None:
                 a.add_(sums[0].to(a.device))
                 n.add_(sums[1].to(n.device))
                 return
         if w is not None:  # a layer on another GPU than the batch (device_map) adds a partial sum here
-            fused._add_mv(a, flat, w.reshape(-1))
+            _add_mv(a, flat, w.reshape(-1))
         if not self.linear and fm is not None:
             flat.square_()
-            fused._add_mv(n, flat, fm.reshape(-1))
+            _add_mv(n, flat, fm.reshape(-1))
 
     def direction(self, name, rows):
         return self.terms.chunk(name, rows)[0]
