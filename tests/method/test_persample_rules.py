@@ -290,4 +290,5 @@ def test_fallback_matches_per_sample_autograd(path):
 
 
 def test_every_registered_rule_has_a_harness_case():
+    """One case set per rule, in the registry's order (the order :func:`rule_for` tries them), names unique."""
     assert [rule.name for rule in RULES] == list(CASES)

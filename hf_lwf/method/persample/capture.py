@@ -18,8 +18,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ...distributed import local_rows
-from ..head import autocast_dtype, chunked_cross_entropy, head_hidden, loss_chunk_elements, select_labelled
 from ..common import project_f32
+from ..head import autocast_dtype, chunked_cross_entropy, head_hidden, loss_chunk_elements, select_labelled
 from .consumers import Consumer
 from .exact import _module_per_sample_grads
 from .plan import _log_once, _Plan, _Restart, check_class

@@ -54,8 +54,6 @@ RULES: list[Rule] = []
 
 def register(cls: type[Rule]) -> type[Rule]:
     """Class decorator: add one instance of the rule ``cls`` to the registry."""
-    if any(rule.name == cls.name for rule in RULES):
-        raise ValueError(f"A per-sample rule named {cls.name!r} is registered already.")
     RULES.append(cls())
     return cls
 
