@@ -62,7 +62,7 @@ def _timed(fn):
 def main(repeats: int = 5) -> dict:
     from hf_lwf.method.confidence import batch_confidence
     from hf_lwf.method.common import sequence_losses
-    from hf_lwf.method.persample import _plan
+    from hf_lwf.method.persample.plan import _plan
 
     torch.set_num_threads(1)
     batch = _batch()

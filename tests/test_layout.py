@@ -79,7 +79,8 @@ def test_graph_sees_the_modules():
     graph = import_graph()
     assert {"hf_lwf.callback", "hf_lwf.method.fisher", "hf_lwf.app.cli", "hf_lwf.baselines.l2sp"} <= set(graph)
     assert "hf_lwf.method.fisher" in graph["hf_lwf.run"] and "hf_lwf.run" in graph["hf_lwf.callback"]
-    assert "hf_lwf.method.common" in graph["hf_lwf.method.persample"]
+    assert "hf_lwf.method.common" in graph["hf_lwf.method.persample.rules.linear"]
+    assert {"hf_lwf.method.persample.engine", "hf_lwf.method.persample.rules.base"} <= set(graph)
 
 
 def test_no_import_circle():
@@ -94,6 +95,40 @@ def test_no_import_circle():
 def test_method_imports_neither_wiring_nor_app(module):
     bad = {t for t in import_graph()[module] if t in WIRING or t == "hf_lwf" or t.startswith("hf_lwf.app")}
     assert not bad, f"{module} imports {sorted(bad)}"
+
+
+# What the method may import from the rest of the package: the collectives, which know nothing of the plugin.
+BELOW_METHOD = {"hf_lwf.distributed"}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if m.startswith("hf_lwf.method")))
+def test_method_imports_nothing_above_it(module):
+    bad = {t for t in import_graph()[module] if not t.startswith("hf_lwf.method") and t not in BELOW_METHOD}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+# The per-sample engine's layers, lowest first: a module imports only from the layers before its own (its own
+# layer too inside the rules, whose families share the registry and helpers).
+PERSAMPLE = "hf_lwf.method.persample"
+PERSAMPLE_LAYERS = ["rules", "record", "fused", "consumers", "exact", "plan", "capture", "engine"]
+
+
+def persample_layer(module: str) -> int:
+    return PERSAMPLE_LAYERS.index(module[len(PERSAMPLE) + 1 :].split(".")[0])
+
+
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if m.startswith(PERSAMPLE + ".")))
+def test_per_sample_imports_flow_one_way(module):
+    inside = {t for t in import_graph()[module] if t.startswith(PERSAMPLE + ".")}
+    bad = {t for t in inside if persample_layer(t) > persample_layer(module)
+           or (persample_layer(t) == persample_layer(module) and not module.startswith(PERSAMPLE + ".rules"))}
+    assert not bad, f"{module} imports {sorted(bad)}"
+    assert PERSAMPLE not in import_graph()[module], f"{module} imports the package's __init__"
+
+
+def test_every_per_sample_module_has_a_layer():
+    modules = {m for m in import_graph() if m.startswith(PERSAMPLE + ".")}
+    assert {m[len(PERSAMPLE) + 1 :].split(".")[0] for m in modules} == set(PERSAMPLE_LAYERS)
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,7 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
     batch = {"input_ids": torch.tensor([[3, 4, 5, 0], [6, 6, 7, 8]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
              "labels": torch.tensor([[-100, 4, 5, -100], [-100, 6, 7, 8]])}
     _matches_reference(toy, batch, rtol=1e-4)
-    from hf_lwf.method.persample import _PLANS
+    from hf_lwf.method.persample.plan import _PLANS
 
     verdict = _PLANS[toy].verdict
     # (1 + w) * xhat has the RMSNorm rule's gradient: the check compares gradients, not outputs.
@@ -267,7 +267,7 @@ def test_every_rule_and_the_fallback_on_a_toy_model():
 
 
 def test_llama_rmsnorm_uses_the_rule(llama, tokenizer):
-    from hf_lwf.method.persample import _PLANS
+    from hf_lwf.method.persample.plan import _PLANS
 
     curvature = {n: torch.ones_like(p) for n, p in trainable_parameters(llama).items()}
     batch_confidence(llama.eval(), _batch(tokenizer, 2), ScoringTerms.explicit({}, curvature))
@@ -533,7 +533,7 @@ def _toy_batch():
 
 
 def test_parameters_used_outside_a_module_call_take_the_exact_path():
-    from hf_lwf.method.persample import _PLANS
+    from hf_lwf.method.persample.plan import _PLANS
 
     torch.manual_seed(0)
     toy = _WithAdapterDict()
@@ -551,12 +551,12 @@ def test_parameters_used_outside_a_module_call_take_the_exact_path():
 
 
 def test_a_parameter_without_a_per_sample_contribution_is_an_error(monkeypatch):
-    import hf_lwf.method.persample as persample
+    import hf_lwf.method.persample.engine as engine
 
     torch.manual_seed(0)
     toy = _WithAdapterDict()
     params = trainable_parameters(toy)
-    monkeypatch.setattr(persample, "_exact_pass", lambda *args: None)  # a path that silently drops its parameters
+    monkeypatch.setattr(engine, "_exact_pass", lambda *args: None)  # a path that silently drops its parameters
     curvature = {n: torch.ones_like(p) for n, p in params.items()}
     with pytest.raises(RuntimeError, match=r"'scales\.a' \(owned by 'scales' \(ParameterDict\)\)"):
         batch_confidence(toy, _toy_batch(), ScoringTerms.explicit({}, curvature))
@@ -662,7 +662,7 @@ class _Flattened(torch.nn.Module):
 
 @pytest.mark.parametrize("time_major", [False, True])
 def test_flattened_token_calls_use_the_rules_only_when_rows_are_batch_major(time_major):
-    from hf_lwf.method.persample import _PLANS
+    from hf_lwf.method.persample.plan import _PLANS
 
     torch.manual_seed(0)
     toy = _Flattened(time_major)
@@ -674,7 +674,7 @@ def test_flattened_token_calls_use_the_rules_only_when_rows_are_batch_major(time
 
 
 def test_opt_layers_on_flattened_tokens_take_the_rules(tokenizer):
-    from hf_lwf.method.persample import _PLANS
+    from hf_lwf.method.persample.plan import _PLANS
 
     model = _tiny("opt", len(tokenizer))
     _coverage(model, tokenizer)
@@ -696,7 +696,7 @@ def test_repeated_passes_hold_no_memory(tokenizer, family):
     """A pass releases everything it recorded: no ``_Use`` holds an activation or a node after it, and the live tensors
     are the same after the 2nd and the 5th pass (the recorded uses once leaked through a ``use -> autograd node ->
     tensor hook -> use`` cycle the garbage collector cannot see, about 2.3 GB per scoring pass on SmolLM2)."""
-    from hf_lwf.method.persample import _Use
+    from hf_lwf.method.persample.record import _Use
 
     model = _adapted("ia3", len(tokenizer)) if family == "ia3" else _tiny(family, len(tokenizer))
     params = trainable_parameters(model)
@@ -766,7 +766,7 @@ def test_bf16_scores_agree_with_an_fp64_reference(tokenizer, monkeypatch, family
 def test_the_fused_block_reduction_matches_the_eager_kernels(tokenizer, monkeypatch):
     """a(x) and n(x) of each block from one compiled kernel (a GPU's path, forced on the CPU here) equal the eager
     addmv / square / addmv; a compile failure falls back to the eager kernels for good."""
-    import hf_lwf.method.persample as persample
+    import hf_lwf.method.persample.fused as fused
 
     model = _tiny("gpt2", len(tokenizer))
     batch = collate_self_data(_rows(tokenizer), tokenizer.pad_token_id)
@@ -775,19 +775,19 @@ def test_the_fused_block_reduction_matches_the_eager_kernels(tokenizer, monkeypa
     terms = ScoringTerms.explicit({k: torch.randn(p.shape, generator=g) for k, p in params.items()},
                                   {k: torch.rand(p.shape, generator=g) for k, p in params.items()})
     a, n = batch_confidence(model, batch, terms)
-    monkeypatch.setattr(persample, "_FUSED", {})
-    monkeypatch.setattr(persample, "FUSE_SUMS", "cpu")
+    monkeypatch.setattr(fused, "_FUSED", {})
+    monkeypatch.setattr(fused, "FUSE_SUMS", "cpu")
     a_fused, n_fused = batch_confidence(model, batch, terms)
-    assert callable(persample._FUSED["fn"])
+    assert callable(fused._FUSED["fn"])
     torch.testing.assert_close(a_fused, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
     torch.testing.assert_close(n_fused, n, rtol=1e-5, atol=0)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(persample, "_FUSED", {})
+    monkeypatch.setattr(fused, "_FUSED", {})
     monkeypatch.setattr(torch, "compile", broken)
     a_after, n_after = batch_confidence(model, batch, terms)
-    assert persample._FUSED["fn"] is False
+    assert fused._FUSED["fn"] is False
     torch.testing.assert_close(a_after, a, rtol=1e-6, atol=0)
     torch.testing.assert_close(n_after, n, rtol=1e-6, atol=0)
