@@ -74,6 +74,7 @@ class LWFRun:
         self._clip_coefficient: torch.Tensor | None = None
         self._saved_step: int | None = None
         self._loss_scale: float | None = None
+        self._max_steps = -1
 
     # ---------------------------------------------------------------------------------------------- checks
     def use_backend(self, backend: Backend, *, via_trainer: bool, model=None) -> None:
@@ -109,7 +110,14 @@ class LWFRun:
         # Per-run transients: a second train() (hyperparameter search) must not inherit them.
         self._metrics, self._saved_step, self._fisher_step, self._clip_coefficient = {}, None, None, None
         self._step_rates, self.record, self.previewed = None, None, False
+        self._max_steps = max_steps
         self._loss_scale = loss_scale_of(optimizer)
+        if self.past_end(global_step) and global_step > 0:
+            logger.warning(
+                f"LWF: resuming at step {global_step} of max_steps={max_steps}: the run is complete. transformers "
+                "takes one more learning step when it resumes a checkpoint at the end; LWF skips it (with LWFTrainer "
+                "it has no forward pass and changes no weight; a plain Trainer still applies its optimizer step)."
+            )
         if config.lwf_unlearn_optimizer == "preconditioned" and optimizer is not None:
             check_preconditioner(self.backend.learning_optimizer(optimizer))  # refused before training, not at a point
         current = LWFState(config=config.lwf_dict(), config_hash=config.lwf_hash(),
@@ -196,6 +204,11 @@ class LWFRun:
         return "cpu" if self.config.lwf_state_device == "cpu" else None
 
     # ------------------------------------------------------------------------------------ learning steps
+    def past_end(self, steps_done: int) -> bool:
+        """Whether the learning step that follows ``steps_done`` steps lies beyond ``max_steps``: transformers takes
+        such a step when it resumes a checkpoint written at the end of training."""
+        return self._max_steps > 0 and steps_done >= self._max_steps
+
     def wants_online_fisher(self) -> bool:
         return self.config.lwf_schedule == "periodic" and self.config.lwf_fisher == "online"
 
@@ -209,7 +222,7 @@ class LWFRun:
         gradients when they are not in ``p.grad`` (an engine's partitioned buffers). ``fetch(name, param)``: returns
         one parameter's gradient on demand (ZeRO-2: a whole gradient, gathered); each is folded in before the next
         is fetched, so one whole gradient is held at a time."""
-        if not self.wants_online_fisher() or self._fisher_step == step:
+        if not self.wants_online_fisher() or self._fisher_step == step or self.past_end(step):
             return
         self._fisher_step = step
         params = fisher_lib.trainable_parameters(model)
@@ -249,6 +262,8 @@ class LWFRun:
         """After the learning step: note the rates it took (eta of scoring and of the ascent), and fold its
         gradients into F unless the step was skipped, by the caller's word or by the fp16 loss scaler (its scale
         fell, whatever flag the optimizer wrapper set)."""
+        if self.past_end(step):
+            return
         self.note_step_rates(optimizer)
         if self._scaler_skipped(optimizer) or skipped:
             self._fisher_step, self._clip_coefficient = step, None
@@ -290,7 +305,7 @@ class LWFRun:
     # ------------------------------------------------------------------------------------ unlearning points
     def is_unlearning_point(self, step: int) -> bool:
         every = self.config.lwf_unlearn_every
-        return self.config.lwf_schedule == "periodic" and step > 0 and step % every == 0
+        return self.config.lwf_schedule == "periodic" and step > 0 and step % every == 0 and not self.past_end(step - 1)
 
     def unlearning_point(self, *, model, optimizer, step: int, max_grad_norm: float,
                          learning_examples: LearningExamples | None = None, show_progress: bool = False) -> None:

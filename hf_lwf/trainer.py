@@ -68,6 +68,13 @@ class LWFTrainerMixin:
         self.lwf_callback.resume_dir = found
         return super().train(found, *args, **kwargs)
 
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # transformers resumes a checkpoint written at max_steps with one more step: no forward, no gradient, so
+        # its optimizer step changes nothing and the restarted run ends with the weights it was saved with
+        if self.lwf_run.past_end(self.state.global_step):
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         # complete or ignored: marked after every rank has written, rotation only over complete checkpoints
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -525,3 +525,41 @@ def test_two_ranks_killed_during_saves_resume_to_the_uninterrupted_weights(refer
     _assert_same_run(resumed, uninterrupted)
     assert os.path.isdir(out / SET_ASIDE_DIR / "checkpoint-4")  # the interrupted saves, set aside
     assert [os.path.basename(p) for _, p in checkpoint_folders(str(out))] == ["checkpoint-6"]
+
+
+# ---------------------------------------------------------------------------- a restart after the last checkpoint
+@pytest.mark.parametrize("kind", ["lwf", "callback"])
+def test_restart_after_the_last_checkpoint_changes_nothing(reference, tmp_path, kind):
+    """A kill after the final checkpoint (before the job script saw the run end): transformers resumes it with one
+    step beyond max_steps. LWF skips that step (no Fisher update, no unlearning point); LWFTrainer also gives it no
+    forward pass, so the optimizer changes no weight even at a learning rate above zero."""
+    run = Run(tmp_path, kind)
+    assert run.attempt() == 0, run.error()
+    finished = run.result()
+    if kind == "lwf":
+        _assert_same_run(finished, reference)
+    assert run.attempt() == 0, run.error()  # the job script's restart: it resumes the final checkpoint
+    assert "checkpoint-10" in os.listdir(run.out)  # transformers' extra step ran
+    again = run.result()
+    assert again["lwf"] == finished["lwf"]
+    if kind == "lwf":
+        _assert_same_run(again, reference)
+
+
+def test_lwftrainer_step_beyond_max_steps_moves_no_weight_at_a_constant_rate(tmp_path):
+    tokenizer = build_tokenizer()
+    out = str(tmp_path / "out")
+
+    def train(resume):
+        trainer = LWFTrainer(args=_lwf_args(out, lr_scheduler_type="constant"), model=tiny_llama(len(tokenizer), seed=1),
+                             train_dataset=learning_dataset(tokenizer), processing_class=tokenizer,
+                             data_collator=lm_collator(tokenizer))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    first, weights = train(None)
+    assert first.optimizer.param_groups[0]["lr"] > 0
+    again, resumed = train(True)
+    assert again.state.global_step == first.state.global_step + 1  # transformers' extra step ran
+    assert all(torch.equal(resumed[n], w) for n, w in weights.items())
+    assert again.lwf_run.state.fisher_updates == first.lwf_run.state.fisher_updates
