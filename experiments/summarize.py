@@ -1339,8 +1339,19 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
         if runs:
             parts += [f"\n### Conflict benchmark, dev: pilot {what} (`configs/{config}`)\n",
                       f"{len(runs)} run files in `experiments/results/{folder}/`.\n", provenance_markdown(runs),
-                      "\n#### Gate\n", conflict_gate_markdown(conflict_gate(runs), verdicts.get(folder)),
-                      f"\n#### Chat format per gold label ({folder})\n", mechanism_markdown(runs, task=CHAT),
+                      "\n#### Gate\n", conflict_gate_markdown(conflict_gate(runs), verdicts.get(folder))]
+            rows = dose_rows(runs, CONFLICT_DOSE_ENDPOINTS, harm=(TRAINED, "acc"))
+            if any(r["arm"].startswith("oracle-") for r in rows):
+                tables[f"{folder}_dose"] = rows
+                choice = choose_dose(rows)
+                parts += [f"\n#### Dose sweep against vanilla (same seed, {folder})\n",
+                          dose_markdown(rows, CONFLICT_DOSE_ENDPOINTS),
+                          f"\nDose rule: {choice['reason']}: **{choice['chosen']}**"
+                          + (f" ({choice['dose']}; gain {_num(choice['gain'], '+.3f')} nats "
+                             f"[{_num(choice['t_low'], '+.3f')}, {_num(choice['t_high'], '+.3f')}])"
+                             if choice["chosen"] else "") + ".\n",
+                          f"\n#### D_U audit ({folder})\n", audit_markdown(audit_rows(runs))]
+            parts += [f"\n#### Chat format per gold label ({folder})\n", mechanism_markdown(runs, task=CHAT),
                       f"\n#### Every run ({folder})\n", conflict_runs_markdown(runs)]
     if test:
         rows = conflict_comparisons(test)
@@ -1379,7 +1390,8 @@ MECHANISM_BUDGETS = (  # further mechanism budgets: folder, config, what differs
 )
 CONFLICT_PILOTS = (  # further conflict pilots, each with its own gate: folder, config, what differs from B1
     ("conflict_dev160", "conflict_pilot160.yaml", "B2, 160 steps"),
-    ("conflict_dev_s2", "conflict_pilot_s2.yaml", "S2, the chat answer opened by \"The sentiment of this movie review is\""),
+    ("conflict_dev_s2", "conflict_pilot_s2.yaml", "S2, the chat answer opened by \"The sentiment of this movie review is\""
+                                                  " (its oracle dose sweep: `configs/conflict_dose_s2.yaml`)"),
 )
 POSITIVE_CONTROL = ("conflict_dev", *(folder for folder, _, _ in CONFLICT_PILOTS), "conflict_test",
                     "sst5_dental_dose")  # the conflict benchmark, the dose-response
@@ -1402,8 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in SECTIONS if gate_path(out / name).is_file()}
     generated, tables = generated_markdown(sections, out / "optimizer_probe.json", verdicts)
     for name, rows in tables.items():
-        flat = {"conflict_test": flat_conflict_row, "conflict_dose": flat_dose_row,
-                "sst5_dental_dose": flat_dose_row}.get(name, flat_row)
+        flat = flat_conflict_row if name == "conflict_test" else flat_dose_row if name.endswith("_dose") else flat_row
         write_csv(out / f"{name}.csv", [row for r in rows for row in _listed(flat(r))])
     if args.tables_md:
         text, _ = positive_control_markdown(sections, verdicts)

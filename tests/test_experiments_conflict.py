@@ -356,10 +356,13 @@ def test_each_further_pilot_folder_gets_its_own_gate():
     base = _rec("base", 0, 0.25, 0.30)
     passing = [base] + [_rec("vanilla", s, 0.90, 0.55 + 0.005 * s) for s in range(5)]
     noisy = [base] + [_rec("vanilla", s, 0.90, (0.45, 0.65, 0.50, 0.70, 0.40)[s]) for s in range(5)]
-    text, _ = summarize.positive_control_markdown({"conflict_dev160": noisy, "conflict_dev_s2": passing})
+    oracle = [_rec("oracle", s, 0.90, 0.55, chat_lp=-0.8, variant="d1") for s in range(5)]
+    text, tables = summarize.positive_control_markdown({"conflict_dev160": noisy, "conflict_dev_s2": passing + oracle})
     b2, s2 = text.split("pilot S2")
-    assert "pilot B2" in b2 and "Gate not passed" in b2 and "conflict_dev160" in b2
+    assert "pilot B2" in b2 and "Gate not passed" in b2 and "conflict_dev160" in b2 and "Dose sweep" not in b2
     assert "Gate passed" in s2 and "`configs/conflict_pilot_s2.yaml`" in s2
+    assert "Dose sweep against vanilla (same seed, conflict_dev_s2)" in s2 and "**oracle-d1**" in s2
+    assert [r["arm"] for r in tables["conflict_dev_s2_dose"]] == ["oracle-d1"]
     assert {folder for folder, _, _ in summarize.CONFLICT_PILOTS} <= set(summarize.SECTIONS)
 
 
@@ -469,14 +472,15 @@ def test_conflict_configs_train_alike_and_name_the_arms():
     assert set(pilot) == {"base", "vanilla"}
     assert pilot["vanilla"]["eval_split"] == "dev" and pilot["vanilla"]["also_eval"] == ["sst2chat"]
     assert pilot["vanilla"]["lwf_temperature"] == 0 and pilot["vanilla"]["lwf_samples_per_prompt"] == 1
-    for name in ("conflict_dose.yaml", "conflict_test.yaml"):
+    s2 = _settings("conflict_pilot_s2.yaml")
+    for pilot_of, name in ((pilot, "conflict_dose.yaml"), (pilot, "conflict_test.yaml"), (s2, "conflict_dose_s2.yaml")):
         if not (CONFIGS / name).exists():
             continue
         other = _settings(name)
-        for key in pilot["vanilla"]:
+        for key in pilot_of["vanilla"]:
             if key.startswith("lwf_") or key in ("eval_split", "n_eval_learn", "threads"):
                 continue
-            assert {s[key] == pilot["vanilla"][key] for s in other.values()} == {True}, (name, key)
+            assert {s[key] == pilot_of["vanilla"][key] for s in other.values()} == {True}, (name, key)
     if (CONFIGS / "conflict_test.yaml").exists():
         test = _settings("conflict_test.yaml")
         assert {a for a in test} == {"base", "vanilla", "lwf", "random", "ga_all", "oracle"}
