@@ -1187,15 +1187,21 @@ def dose_rows(runs: list[dict[str, Any]], endpoints: tuple[tuple[str, str], ...]
                "ascent_steps": [((by[(name, s)].get("train") or {}).get("lwf") or {}).get("unlearn_steps")
                                 for s in seeds]}
         for task, key in endpoints:
-            deltas = [endpoints_of(by[(name, s)], task, key) - endpoints_of(by[(reference, s)], task, key)
-                      for s in seeds]
-            row[f"{task}/{key}"] = {"deltas": deltas, "seed": seed_tests(deltas)}
+            pairs = [(endpoints_of(by[(name, s)], task, key), endpoints_of(by[(reference, s)], task, key))
+                     for s in seeds]
+            if all(a is not None and b is not None for a, b in pairs):  # a run without the values: no column
+                deltas = [a - b for a, b in pairs]
+                row[f"{task}/{key}"] = {"deltas": deltas, "seed": seed_tests(deltas)}
         row["harm"] = row[f"{harm[0]}/{harm[1]}"]["seed"]["mean"]
         out.append(row)
     return out
 
 
-def endpoints_of(run: dict[str, Any], task: str, key: str) -> float:
+def endpoints_of(run: dict[str, Any], task: str, key: str) -> float | None:
+    """One endpoint's value in one run; ``swapped_auc`` is the item ranking of :func:`swapped_auc` (None when the run
+    file has no per-choice log-likelihoods)."""
+    if key == "swapped_auc":
+        return swapped_auc(run["eval"].get(task))
     return endpoints(run, task)[key][0]
 
 
@@ -1239,7 +1245,10 @@ def dose_markdown(rows: list[dict[str, Any]], endpoints: tuple[tuple[str, str], 
     for r in rows:
         cells = []
         for task, key in endpoints:
-            st = r[f"{task}/{key}"]
+            st = r.get(f"{task}/{key}")
+            if st is None:
+                cells.append("-")
+                continue
             sd = st["seed"]
             cells.append(f"{' '.join(_fmt(key, d, True) for d in st['deltas'])}; **{_fmt(key, sd['mean'], True)}** "
                          f"[{_fmt(key, sd['t_low'], True)}, {_fmt(key, sd['t_high'], True)}]")
@@ -1285,7 +1294,8 @@ def conflict_runs_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-CONFLICT_DOSE_ENDPOINTS = ((CHAT, "gold_logprob"), (CHAT, "acc"), (TRAINED, "acc"))
+CONFLICT_DOSE_ENDPOINTS = ((CHAT, "gold_logprob"), (CHAT, "acc"), (TRAINED, "acc"),
+                           (CHAT, "swapped_auc"))  # the last one descriptive: the item ranking, whatever the prior
 SST5_DOSE_ENDPOINTS = (("sst5", "gold_logprob"), ("sst5", "acc"), ("dental", "acc"), ("dental", "gold_logprob"))
 
 

@@ -366,6 +366,21 @@ def test_each_further_pilot_folder_gets_its_own_gate():
     assert {folder for folder, _, _ in summarize.CONFLICT_PILOTS} <= set(summarize.SECTIONS)
 
 
+def test_dose_rows_report_the_swapped_auc_difference():
+    def with_lls(record, margins):  # ll(positive) - ll(negative) per item; items 0, 1 gold "positive", 2, 3 "negative"
+        record["eval"]["sst2chat"].update(choice_lls=[[m, 0.0] for m in margins], targets=[0, 0, 1, 1])
+        return record
+
+    vanilla = with_lls(_rec("vanilla", 0, 0.9, 0.5), [0.1, -0.2, 0.3, -0.4])  # pairs won: 2 of 4 -> AUC 0.5
+    oracle = with_lls(_rec("oracle", 0, 0.9, 0.5, variant="d1"), [0.5, 0.4, 0.3, -0.4])  # 4 of 4 -> AUC 1.0
+    rows = summarize.dose_rows([vanilla, oracle], summarize.CONFLICT_DOSE_ENDPOINTS, harm=("sst2plain", "acc"))
+    assert rows[0][f"{summarize.CHAT}/swapped_auc"]["deltas"] == [pytest.approx(0.5)]
+    plain = summarize.dose_rows([_rec("vanilla", 0, 0.9, 0.5), _rec("oracle", 0, 0.9, 0.5, variant="d1")],
+                                summarize.CONFLICT_DOSE_ENDPOINTS, harm=("sst2plain", "acc"))
+    assert f"{summarize.CHAT}/swapped_auc" not in plain[0]  # no per-choice log-likelihoods: no column
+    assert "| - |" in summarize.dose_markdown(plain, summarize.CONFLICT_DOSE_ENDPOINTS)
+
+
 def test_gated_main_runs_the_test_only_after_the_conflict_gate(tmp_path, monkeypatch):
     pilot = tmp_path / "p.yaml"
     pilot.write_text("grid:\n  - {learn: [sst2plain], methods: [base], seeds: [0]}\n"
