@@ -1163,13 +1163,13 @@ def audit_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def dose_settings(run: dict[str, Any]) -> str:
-    """The ascent dose a run used: every, steps, lambda, cap, |D_U| (from its resolved LWF settings)."""
+    """The ascent dose a run used: every, steps, lambda, cap, the D_U size (from its resolved LWF settings)."""
     cfg = ((run.get("train") or {}).get("lwf_config")) or {}
     if not cfg:
         return "-"
     lwf = (run.get("train") or {}).get("lwf") or {}
     return (f"every {cfg['lwf_unlearn_every']}, {cfg['lwf_unlearn_steps']} step(s) × {cfg['lwf_unlearn_batch_size']}, "
-            f"λ {cfg['lwf_unlearn_coef']:g}, cap {cfg['lwf_forget_loss_cap']:g}, |D_U| {len(lwf.get('forget_indices', []))}")
+            f"λ {cfg['lwf_unlearn_coef']:g}, cap {cfg['lwf_forget_loss_cap']:g}, D_U {len(lwf.get('forget_indices', []))}")
 
 
 def dose_rows(runs: list[dict[str, Any]], endpoints: tuple[tuple[str, str], ...], harm: tuple[str, str],

@@ -379,6 +379,10 @@ def test_dose_rows_report_the_swapped_auc_difference():
                                 summarize.CONFLICT_DOSE_ENDPOINTS, harm=("sst2plain", "acc"))
     assert f"{summarize.CHAT}/swapped_auc" not in plain[0]  # no per-choice log-likelihoods: no column
     assert "| - |" in summarize.dose_markdown(plain, summarize.CONFLICT_DOSE_ENDPOINTS)
+    config = {"lwf_unlearn_every": 10, "lwf_unlearn_steps": 4, "lwf_unlearn_batch_size": 4, "lwf_unlearn_coef": 2.0,
+              "lwf_forget_loss_cap": 5.0}
+    dose = summarize.dose_settings({"train": {"lwf_config": config, "lwf": {"forget_indices": [3, 5]}}})
+    assert dose == "every 10, 4 step(s) × 4, λ 2, cap 5, D_U 2" and "|" not in dose  # a table cell
 
 
 def test_gated_main_runs_the_test_only_after_the_conflict_gate(tmp_path, monkeypatch):
