@@ -112,7 +112,7 @@ class LWFRun:
         self._step_rates, self.record, self.previewed = None, None, False
         self._max_steps = max_steps
         self._loss_scale = loss_scale_of(optimizer)
-        if self.past_end(global_step) and global_step > 0:
+        if self.past_end(global_step):
             logger.warning(
                 f"LWF: resuming at step {global_step} of max_steps={max_steps}: the run is complete. transformers "
                 "takes one more learning step when it resumes a checkpoint at the end; LWF skips it (with LWFTrainer "
