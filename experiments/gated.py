@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pilot", required=True, help="The pilot's config (dev split): its vanilla seeds are gated.")
     parser.add_argument("--confirm", required=True, help="The confirmatory config, run only if the gate passes.")
     parser.add_argument("--rule", required=True, choices=sorted(RULES), help="The gate the plan fixed: "
-                        + "; ".join(f"{k}: {v}" for k, v in RULES.items()) + ".")
+                        + "; ".join(f"{k}: {v}" for k, v in RULES.items()).replace("%", "%%") + ".")
     parser.add_argument("--seeds", type=int, default=5, help="Vanilla seeds the gate is judged on.")
     parser.add_argument("--learn", default="sst5", help="The learning task the gate is judged on.")
     parser.add_argument("--pilot_dir", default=None, help="Pilot results (default: results/<pilot config name>).")

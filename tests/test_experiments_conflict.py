@@ -492,7 +492,7 @@ def test_conflict_configs_train_alike_and_name_the_arms():
     assert pilot["vanilla"]["eval_split"] == "dev" and pilot["vanilla"]["also_eval"] == ["sst2chat"]
     assert pilot["vanilla"]["lwf_temperature"] == 0 and pilot["vanilla"]["lwf_samples_per_prompt"] == 1
     s2 = _settings("conflict_pilot_s2.yaml")
-    for pilot_of, name in ((pilot, "conflict_dose.yaml"), (pilot, "conflict_test.yaml"), (s2, "conflict_dose_s2.yaml")):
+    for pilot_of, name in ((pilot, "conflict_dose.yaml"), (s2, "conflict_test.yaml"), (s2, "conflict_dose_s2.yaml")):
         if not (CONFIGS / name).exists():
             continue
         other = _settings(name)

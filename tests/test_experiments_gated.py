@@ -241,3 +241,11 @@ def test_runner_claim_takes_over_only_a_dead_owners_lock(tmp_path):
     assert run.claim(str(tmp_path), "b") and (tmp_path / "b.lock").read_text() == f"{platform.node()}:{os.getpid()}"
     assert not run.claim(str(tmp_path), "c")  # unreadable: left alone
     assert run.claim(str(tmp_path), "d")  # no lock yet
+
+
+def test_help_prints_every_rule(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gated.main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(rule in out for rule in gated.RULES) and "80 % power" in out
