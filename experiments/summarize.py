@@ -1366,6 +1366,8 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
     if test:
         rows = conflict_comparisons(test)
         tables["conflict_test"] = rows
+        arms = dose_rows([r for r in test if arm(r) != "base"], CONFLICT_DOSE_ENDPOINTS, harm=(TRAINED, "acc"))
+        tables["conflict_test_arms"] = arms
         reading = conflict_reading(rows)
         parts += ["\n### Conflict benchmark, test: the positive control (`configs/conflict_test.yaml`)\n",
                   f"{len(test)} run files in `experiments/results/conflict_test/`. Seed-level tests first; the four "
@@ -1376,6 +1378,8 @@ def positive_control_markdown(sections: dict[str, list[dict[str, Any]]],
                    f"{reading['lwf_above_random']}; LWF equivalent to the oracle (TOST ±{CONFLICT_TOST_NATS} nats): "
                    f"{reading['lwf_equivalent_to_oracle']}.\n") if reading["ready"] else
                   "\n_Interim: the reading is applied only when every pre-registered comparison has 5 seeds._\n",
+                  "\n#### Every arm against vanilla (same seed), the chat-format swapped AUC included (descriptive)\n",
+                  dose_markdown(arms, CONFLICT_DOSE_ENDPOINTS),
                   "\n#### Chat format per gold label (test)\n", mechanism_markdown(test, task=CHAT),
                   "\n#### D_U audit (test)\n", audit_markdown(audit_rows(test)),
                   "\n#### Every run (conflict, test)\n", conflict_runs_markdown(test)]
@@ -1424,7 +1428,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in SECTIONS if gate_path(out / name).is_file()}
     generated, tables = generated_markdown(sections, out / "optimizer_probe.json", verdicts)
     for name, rows in tables.items():
-        flat = flat_conflict_row if name == "conflict_test" else flat_dose_row if name.endswith("_dose") else flat_row
+        flat = (flat_conflict_row if name == "conflict_test" else
+                flat_dose_row if name.endswith(("_dose", "_arms")) else flat_row)
         write_csv(out / f"{name}.csv", [row for r in rows for row in _listed(flat(r))])
     if args.tables_md:
         text, _ = positive_control_markdown(sections, verdicts)

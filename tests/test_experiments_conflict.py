@@ -469,6 +469,17 @@ def test_preregistered_reading(gains, reading):
     assert "Pre-registered reading" in summarize.positive_control_markdown({"conflict_test": _test_runs(gains)})[0]
 
 
+def test_test_section_lists_every_arm_against_vanilla():
+    gains = {"oracle": [0.3, 0.2, 0.1, 0.0, 0.4], "lwf": [0.0] * 5, "random": [-0.1] * 5, "ga_all": [0.5] * 5}
+    runs = [_rec("base", 0, 0.5, 0.5)] + _test_runs(gains)
+    text, tables = summarize.positive_control_markdown({"conflict_test": runs})
+    arms = {r["arm"]: r for r in tables["conflict_test_arms"]}
+    assert set(arms) == set(gains)  # base is evaluated once, never paired
+    for name, g in gains.items():  # each seed against vanilla of the same seed
+        assert arms[name]["sst2chat/gold_logprob"]["deltas"] == pytest.approx(g)
+    assert "swapped AUC included (descriptive)" in text
+
+
 def test_reading_waits_for_five_seeds():
     rows = summarize.conflict_comparisons([r for r in _test_runs({"oracle": [0.3] * 5, "lwf": [0.3] * 5,
                                                                   "random": [0.0] * 5}) if r["spec"]["seed"] < 4])
