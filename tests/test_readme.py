@@ -179,7 +179,8 @@ def _run_experiments(argv: list[str], model_dir: str, tmp_path: Path, monkeypatc
 
         # the plan's recorded verdict is reproduced from the committed pilot files; no worker is started
         monkeypatch.chdir(ROOT)
-        pilot = Path(argv[argv.index("--pilot") + 1]).stem
+        pilot = (Path(argv[argv.index("--pilot_dir") + 1]).name if "--pilot_dir" in argv
+                 else Path(argv[argv.index("--pilot") + 1]).stem)
         shutil.copytree(ROOT / "experiments" / "results" / pilot, tmp_path / pilot)
         shutil.copy(ROOT / "experiments" / "results" / f"{pilot}.gate.json", tmp_path / f"{pilot}.gate.json")
         started = []
