@@ -1310,6 +1310,29 @@ def sst5_dose_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# The reading of plan (d) (experiments/plans/sst5_dental_dose.md): a dose moves sst5 when both seeds' Δ gold
+# log-probability share a sign and their mean is at least MOVE_NATS in size; it clearly harms when its mean accuracy Δ
+# is at most -HARM_ACC or its mean gold log-probability Δ at most -HARM_NATS.
+SST5_DOSE_MOVE_NATS, SST5_DOSE_HARM_ACC, SST5_DOSE_HARM_NATS = 0.02, 0.03, 0.05
+
+
+def sst5_dose_reading(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plan (d)'s pre-registered reading per dose: ``moves`` (None with fewer than two seeds: a one-seed dose is
+    described, not read), ``harms`` (applied to whatever seeds there are) and the seeds it rests on."""
+    out = []
+    for r in rows:
+        lp, acc = r["sst5/gold_logprob"], r["sst5/acc"]
+        deltas, mean = lp["deltas"], lp["seed"]["mean"]
+        moves = None
+        if len(deltas) >= 2:
+            same_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
+            moves = bool(same_sign and abs(mean) >= SST5_DOSE_MOVE_NATS)
+        harms = bool(acc["seed"]["mean"] <= -SST5_DOSE_HARM_ACC or mean <= -SST5_DOSE_HARM_NATS)
+        out.append({"arm": r["arm"], "seeds": r["seeds"], "moves": moves, "harms": harms,
+                    "gold_logprob": mean, "acc": acc["seed"]["mean"]})
+    return out
+
+
 def sst5_dose_markdown(rows: list[dict[str, Any]]) -> str:
     text = dose_markdown(rows, SST5_DOSE_ENDPOINTS)
     if rows:
@@ -1317,6 +1340,18 @@ def sst5_dose_markdown(rows: list[dict[str, Any]]) -> str:
                  "Δ against vanilla per seed: " + "; ".join(
                      f"{r['arm']} {' '.join(_num(d, '+.3f') for d in r['selfgen_dental']['deltas'])}" for r in rows)
                  + ".\n")
+        lines = []
+        for x in sst5_dose_reading(rows):
+            n = len(x["seeds"])
+            moves = ("one seed: described, not read" if x["moves"] is None
+                     else "moves sst5" if x["moves"] else "no detectable movement")
+            harm = ("clearly harms" if x["harms"] else "does not clearly harm") + (" (one seed)" if n == 1 else "")
+            lines.append(f"- {x['arm']} ({n} seed{'s' if n > 1 else ''}): {moves}; {harm}.")
+        reached = any(x["harms"] for x in sst5_dose_reading(rows))
+        text += ("\nPlan (d)'s reading (moves: both seeds' Δ sst5 gold log-probability of one sign and |mean| ≥ "
+                 f"{SST5_DOSE_MOVE_NATS} nats; clearly harms: mean Δ sst5 accuracy ≤ −{100 * SST5_DOSE_HARM_ACC:.0f} "
+                 f"points or mean Δ gold log-probability ≤ −{SST5_DOSE_HARM_NATS} nats):\n\n" + "\n".join(lines)
+                 + ("\n\nThe harmful end was reached.\n" if reached else "\n\nThe harmful end was not reached.\n"))
     return text
 
 

@@ -529,3 +529,36 @@ def test_every_plan_names_existing_configs():
         assert named, plan
         for config in named:
             assert (CONFIGS / config).exists(), (plan.name, config)
+
+
+# ------------------------------------------------------------------------------------------ plan (d): sst5 × dental
+def _sst5_rec(method, seed, acc, lp, variant="", selfgen=-1.0, n=100):
+    """A hand-made run record of the sst5 × dental dose-response, with per-item values whose means are given."""
+    def task(a, g):
+        return {"score": a, "items": [1.0] * round(a * n) + [0.0] * (n - round(a * n)), "mean_gold_logprob": g,
+                "gold_logprobs": [g] * n}
+    spec = {"learn": "sst5", "forget": "none" if method == "vanilla" else "dental", "method": method, "seed": seed,
+            "variant": variant}
+    name = f"{method}-{variant}" if variant else method
+    return {"run_id": f"sst5__{spec['forget']}__{name}__s{seed}", "spec": spec,
+            "eval": {"sst5": task(acc, lp), "dental": task(0.4, -1.5)}, "selfgen_eval": {"dental": {"score": selfgen}}}
+
+
+def test_sst5_dose_reading_follows_plan_d():
+    runs = [_sst5_rec("vanilla", s, 0.50, -1.10) for s in (0, 1)]
+    runs += [_sst5_rec("lwf", s, 0.50, -1.10 + d, variant="dd1") for s, d in ((0, 0.01), (1, -0.01))]  # mixed signs
+    runs += [_sst5_rec("lwf", s, 0.50, -1.10 + d, variant="dd2") for s, d in ((0, 0.03), (1, 0.02))]   # moves up
+    runs += [_sst5_rec("lwf", s, 0.50, -1.10 - d, variant="dd3") for s, d in ((0, 0.015), (1, 0.015))]  # < 0.02
+    runs += [_sst5_rec("lwf", s, 0.46, -1.10, variant="dd4") for s in (0, 1)]                          # -4 points
+    runs += [_sst5_rec("lwf", 0, 0.50, -1.16, variant="dd5", selfgen=-4.0)]                            # one seed
+    rows = summarize.sst5_dose_rows(runs)
+    got = {x["arm"]: (x["moves"], x["harms"]) for x in summarize.sst5_dose_reading(rows)}
+    assert got == {"lwf-dd1": (False, False), "lwf-dd2": (True, False), "lwf-dd3": (False, False),
+                   "lwf-dd4": (False, True), "lwf-dd5": (None, True)}
+    by = {r["arm"]: r for r in rows}
+    assert by["lwf-dd5"]["selfgen_dental"]["deltas"] == pytest.approx([-3.0])  # against vanilla of seed 0
+    assert by["lwf-dd2"]["sst5/gold_logprob"]["deltas"] == pytest.approx([0.03, 0.02])
+    text = summarize.sst5_dose_markdown(rows)
+    assert "lwf-dd5 (1 seed): one seed: described, not read; clearly harms (one seed)." in text
+    assert "The harmful end was reached." in text
+    assert "The harmful end was not reached." in summarize.sst5_dose_markdown(rows[:3])
