@@ -80,8 +80,10 @@ def test_method_doc_lists_every_logged_metric():
 
 # -------------------------------------------------------------------------------------------- links
 def _slug(heading: str) -> str:
-    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens; emphasis marks
+    go, an underscore inside a code span stays."""
+    parts = re.split(r"(`[^`]*`)", heading.strip().lower())
+    text = "".join(part.strip("`") if part.startswith("`") else re.sub(r"[*_]", "", part) for part in parts)
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
@@ -101,6 +103,8 @@ def test_slug_matches_github_anchors():
     assert _slug("1. sst5 × dental: no effect on the learning task") == "1-sst5--dental-no-effect-on-the-learning-task"
     assert _slug("Why these defaults") == "why-these-defaults"
     assert _slug("`hf-lwf inspect`") == "hf-lwf-inspect"
+    assert _slug("Dose, dev (`configs/sst5_dental_dose.yaml`)") == "dose-dev-configssst5_dental_doseyaml"
+    assert _slug("A _quiet_ **bold** word") == "a-quiet-bold-word"
 
 
 def test_every_relative_link_in_readme_and_docs_resolves():
