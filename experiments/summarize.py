@@ -1321,15 +1321,13 @@ def sst5_dose_reading(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     described, not read), ``harms`` (applied to whatever seeds there are) and the seeds it rests on."""
     out = []
     for r in rows:
-        lp, acc = r["sst5/gold_logprob"], r["sst5/acc"]
-        deltas, mean = lp["deltas"], lp["seed"]["mean"]
+        deltas, mean = r["sst5/gold_logprob"]["deltas"], r["sst5/gold_logprob"]["seed"]["mean"]
         moves = None
         if len(deltas) >= 2:
             same_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
-            moves = bool(same_sign and abs(mean) >= SST5_DOSE_MOVE_NATS)
-        harms = bool(acc["seed"]["mean"] <= -SST5_DOSE_HARM_ACC or mean <= -SST5_DOSE_HARM_NATS)
-        out.append({"arm": r["arm"], "seeds": r["seeds"], "moves": moves, "harms": harms,
-                    "gold_logprob": mean, "acc": acc["seed"]["mean"]})
+            moves = same_sign and abs(mean) >= SST5_DOSE_MOVE_NATS
+        harms = r["sst5/acc"]["seed"]["mean"] <= -SST5_DOSE_HARM_ACC or mean <= -SST5_DOSE_HARM_NATS
+        out.append({"arm": r["arm"], "seeds": r["seeds"], "moves": moves, "harms": harms})
     return out
 
 
@@ -1340,14 +1338,14 @@ def sst5_dose_markdown(rows: list[dict[str, Any]]) -> str:
                  "Δ against vanilla per seed: " + "; ".join(
                      f"{r['arm']} {' '.join(_num(d, '+.3f') for d in r['selfgen_dental']['deltas'])}" for r in rows)
                  + ".\n")
-        lines = []
-        for x in sst5_dose_reading(rows):
+        reading, lines = sst5_dose_reading(rows), []
+        for x in reading:
             n = len(x["seeds"])
             moves = ("one seed: described, not read" if x["moves"] is None
                      else "moves sst5" if x["moves"] else "no detectable movement")
             harm = ("clearly harms" if x["harms"] else "does not clearly harm") + (" (one seed)" if n == 1 else "")
             lines.append(f"- {x['arm']} ({n} seed{'s' if n > 1 else ''}): {moves}; {harm}.")
-        reached = any(x["harms"] for x in sst5_dose_reading(rows))
+        reached = any(x["harms"] for x in reading)
         text += ("\nPlan (d)'s reading (moves: both seeds' Δ sst5 gold log-probability of one sign and |mean| ≥ "
                  f"{SST5_DOSE_MOVE_NATS} nats; clearly harms: mean Δ sst5 accuracy ≤ −{100 * SST5_DOSE_HARM_ACC:.0f} "
                  f"points or mean Δ gold log-probability ≤ −{SST5_DOSE_HARM_NATS} nats):\n\n" + "\n".join(lines)
